@@ -1,0 +1,26 @@
+"""residual_gpu: exact k-nearest-neighbour search in residual correlation for Vecchia/VIF GPs.
+
+    import residual_gpu as rg
+    prob = rg.ResidualProblem(coords, kernel=rg.Matern52(lengthscale=0.1), inducing=256)
+    res = rg.ResidualIndex(prob).query(k=30, predecessor=True)
+"""
+
+from .backends import available_backends, get_backend
+from .errors import (
+    BackendUnavailableError,
+    IndexFormatError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    ResidualGPUError,
+)
+from .index import KnnResult, ResidualIndex, residual_knn
+from .kernels import RBF, Kernel, Matern12, Matern32, Matern52
+from .problem import ResidualProblem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RBF", "BackendUnavailableError", "IndexFormatError", "InvalidArgumentError", "InvalidTypeError",
+    "Kernel", "KnnResult", "Matern12", "Matern32", "Matern52", "ResidualGPUError", "ResidualIndex",
+    "ResidualProblem", "available_backends", "get_backend", "residual_knn", "__version__",
+]

@@ -1,0 +1,150 @@
+"""Scalar float64 building blocks shared by the Numba code paths.
+
+- ``correlation``: g(r^2) for each kernel family, by the integer ids of ``kernels.KERNEL_IDS``.
+- ``two_sum`` / ``two_prod`` / ``dot2``: error-free transformations and the compensated dot
+  product Dot2 of Ogita, Rump and Oishi (2005). Dot2 returns the dot product as if it had
+  been accumulated in twice the working precision, then split into hi + lo; we need it
+  where p is tiny and k_ij - V_i.V_j cancels almost completely.
+  Numba has no fused multiply-add on Python 3.11, so two_prod uses Veltkamp's split.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+_SQRT3 = math.sqrt(3.0)
+_SQRT5 = math.sqrt(5.0)
+_SPLITTER = 134217729.0  # 2**27 + 1
+
+
+@njit(inline="always", cache=True)
+def correlation(kernel_id, r2):
+    if kernel_id == 0:
+        return math.exp(-0.5 * r2)
+    r = math.sqrt(r2)
+    if kernel_id == 1:
+        return math.exp(-r)
+    if kernel_id == 2:
+        sr = _SQRT3 * r
+        return (1.0 + sr) * math.exp(-sr)
+    sr = _SQRT5 * r
+    return (1.0 + sr + (5.0 / 3.0) * r2) * math.exp(-sr)
+
+
+@njit(inline="always", cache=True)
+def two_sum(a, b):
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@njit(inline="always", cache=True)
+def _split(a):
+    c = _SPLITTER * a
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+@njit(inline="always", cache=True)
+def two_prod(a, b):
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    return p, al * bl - (((p - ah * bh) - al * bh) - ah * bl)
+
+
+@njit(inline="always", cache=True)
+def dot2(a, b):
+    """Compensated dot product of two 1-D float64 arrays: returns (hi, lo)."""
+    s = 0.0
+    c = 0.0
+    for t in range(a.shape[0]):
+        h, e = two_prod(a[t], b[t])
+        s, q = two_sum(s, h)
+        c += q + e
+    return s, c
+
+
+@njit(inline="always", cache=True)
+def scaled_sq_distance(xa, xb, scale):
+    """r^2 = sum_t ((xa_t - xb_t) / l_t)^2 from direct differences (no cancellation)."""
+    r2 = 0.0
+    for t in range(xa.shape[0]):
+        diff = (xa[t] - xb[t]) / scale[t]
+        r2 += diff * diff
+    return r2
+
+
+@njit(inline="always", cache=True)
+def accurate_abs_rho(xa, va, pa, xb, vb, pb, scale, kernel_id, variance):
+    """|rho| for one pair, with Dot2 for V_a.V_b: the parity path's value, clamped to [0, 1]."""
+    kval = variance * correlation(kernel_id, scaled_sq_distance(xa, xb, scale))
+    hi, lo = dot2(va, vb)
+    c = (kval - hi) - lo
+    rho = abs(c) / math.sqrt(pa * pb)
+    return rho if rho < 1.0 else 1.0
+
+
+@njit(parallel=True, cache=True)
+def residual_variances(v, variance, floor):
+    """p_i = max(variance - ||V_i||^2, floor), with ||V_i||^2 from Dot2.
+
+    p is the difference of two nearly equal numbers wherever the inducing points explain
+    almost all of the variance, so the plain float64 sum of squares would lose it.
+    """
+    n = v.shape[0]
+    out = np.empty(n)
+    for i in prange(n):
+        hi, lo = dot2(v[i], v[i])
+        p = (variance - hi) - lo
+        out[i] = p if p > floor else floor
+    return out
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: n * _LN2_HI is exact for |n| < 2**11
+_LN2_LO = 1.90821492927058770002e-10
+_ROUND_SHIFT = 6755399441055744.0  # 1.5 * 2**52: adding it rounds to an integer kept in the low bits
+
+
+@njit(inline="always", cache=True, fastmath={"contract"})
+def exp_nonpositive_inplace(z, scratch):
+    """z[b] <- exp(z[b]) for z <= 0, within 3 ulp of libm; arguments below -708 give exp(-708).
+
+    libm's exp does not vectorise in Numba; this one does (Cody-Waite reduction, a degree-13
+    Taylor polynomial on |r| <= ln2/2, and 2^n built in the exponent bits), about 3x faster
+    on the hot loop of the CPU backend. Only FMA contraction is allowed, which keeps the
+    rounding trick intact. The clamp is harmless: exp(-708) ~ 3e-308 is far below the
+    kernel-error margin of precision.py.
+    """
+    width = z.shape[0]
+    tb = scratch[:width]
+    for b in range(width):
+        x = z[b]
+        x = x if x > -708.0 else -708.0
+        t = x * _LOG2E + _ROUND_SHIFT
+        nf = t - _ROUND_SHIFT
+        r = (x - nf * _LN2_HI) - nf * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        z[b] = p * r + 1.0
+        tb[b] = t
+    bits = tb.view(np.int64)
+    for b in range(width):
+        bits[b] = (bits[b] + 1023) << 52  # low bits of t hold n; this is 2**n's bit pattern
+    for b in range(width):
+        z[b] *= tb[b]

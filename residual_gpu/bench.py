@@ -1,0 +1,110 @@
+"""Running a suite: build and query timings, evaluation counts, and the GEMM yardstick.
+
+Every rate is quoted next to a plain float64 GEMM of the same shape (q x m times m x n,
+numpy's BLAS) timed in the same run, because absolute numbers on shared machines are noise.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_info
+
+from . import __version__
+from .index import ResidualIndex
+from .problem import ResidualProblem
+from .suites import get_suite
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def gemm_seconds(q: int, n: int, m: int, repeats: int = 3) -> float:
+    """Median time of one float64 (q, m) @ (m, n) product through numpy's BLAS."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((q, m))
+    b = rng.standard_normal((n, m))
+    a @ b[:64].T  # warm the BLAS threads
+    return _median_seconds(lambda: a @ b.T, repeats)
+
+
+def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("brute",),
+              repeats: int = 3, progress: bool | None = None) -> dict:
+    """Run one suite; returns a JSON-serialisable dict (rows: one per method and mode)."""
+    case = get_suite(name, n)
+    t0 = time.perf_counter()
+    problem = ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
+    problem_seconds = time.perf_counter() - t0
+    q = case.n if case.queries is None else case.queries.size
+    gemm = gemm_seconds(q, case.n, problem.m, repeats)
+    rows = []
+    for method in methods:
+        index = ResidualIndex(problem, backend=backend, method=method)
+        for predecessor in case.modes:
+            def once():
+                return index.query(case.k, queries=case.queries, predecessor=predecessor, progress=progress)
+            once()  # warm-up: JIT compilation and caches are not timed
+            res = None
+            times = []
+            for _ in range(repeats):
+                t1 = time.perf_counter()
+                res = once()
+                times.append(time.perf_counter() - t1)
+            seconds = float(np.median(times))
+            tel = res.telemetry
+            evals = tel.distance_evaluations
+            pairs = sum(int(min(lim, case.n)) for lim in _limits(case, predecessor))
+            gflops = 2.0 * evals * problem.m / seconds / 1e9
+            gemm_gflops = 2.0 * q * case.n * problem.m / gemm / 1e9
+            rows.append({
+                "method": index.method, "backend": index.backend, "predecessor": predecessor,
+                "queries": q, "k": case.k, "query_seconds": seconds,
+                "queries_per_second": q / seconds,
+                "distance_evaluations": evals, "evaluations_per_query": evals / q,
+                "candidate_share": evals / max(pairs, 1),
+                "accurate_evaluations": tel.accurate_evaluations,
+                "recertified_queries": tel.recertified_queries,
+                "gflops": gflops, "gemm_gflops": gemm_gflops, "gemm_fraction": gflops / gemm_gflops,
+                "build_seconds": problem_seconds + index.build_seconds,
+            })
+    return {
+        "suite": case.name, "n": case.n, "d": problem.d, "m": problem.m, "k": case.k,
+        "kernel": repr(case.kernel), "median_p": float(np.median(problem.p)),
+        "problem_seconds": problem_seconds, "gemm_seconds": gemm, "repeats": repeats,
+        "version": __version__, "machine": platform.machine(), "python": platform.python_version(),
+        "blas": [{k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                 for info in threadpool_info()],
+        "rows": rows,
+    }
+
+
+def _limits(case, predecessor):
+    """Admissible candidates per query (for the share of candidates evaluated)."""
+    ids = np.arange(case.n) if case.queries is None else case.queries
+    return ids if predecessor else np.full(ids.size, case.n - 1)
+
+
+def format_table(result: dict) -> str:
+    head = (f"suite={result['suite']} n={result['n']} d={result['d']} m={result['m']} k={result['k']} "
+            f"kernel={result['kernel']} median_p={result['median_p']:.3g} "
+            f"problem_build={result['problem_seconds']:.2f}s plain_gemm={result['gemm_seconds']:.3f}s "
+            f"(median of {result['repeats']})")
+    cols = ["method", "backend", "predecessor", "build_s", "query_s", "queries/s", "evals/query",
+            "share", "GFLOP/s", "GEMM GFLOP/s", "of GEMM", "recert"]
+    lines = [head, " | ".join(cols)]
+    for r in result["rows"]:
+        lines.append(" | ".join([
+            r["method"], r["backend"], str(r["predecessor"]), f"{r['build_seconds']:.2f}",
+            f"{r['query_seconds']:.3f}", f"{r['queries_per_second']:.0f}", f"{r['evaluations_per_query']:.0f}",
+            f"{r['candidate_share']:.3f}", f"{r['gflops']:.1f}", f"{r['gemm_gflops']:.1f}",
+            f"{r['gemm_fraction']:.0%}", str(r["recertified_queries"]),
+        ]))
+    return "\n".join(lines)
