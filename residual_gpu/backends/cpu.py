@@ -1,9 +1,9 @@
-"""CPU backend: BLAS (through numpy) for V_Q V_C^T, Numba for the fused transform and select.
+"""CPU backend: BLAS GEMM for V_Q V_C^T and Numba for the fused transform and select.
 
-Per (query tile, candidate tile) the GEMM writes G = V_Q V_C^T; one Numba pass per query row
+Per (query tile, candidate tile) a GEMM writes G = V_Q V_C^T; one Numba pass per query row
 then forms r^2 from direct coordinate differences, the kernel, a = |k - G| / sqrt(p_q p_j),
-and pushes admissible candidates into that query's bounded min-heap. Only one tile of G is
-alive at a time, so memory is O(tile) whatever n is.
+and pushes admissible candidates into that query's bounded min-heap. Each thread holds one
+tile of G at a time, so memory is O(threads x tile) whatever n is.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, parallel_chunksize, prange
+from threadpoolctl import threadpool_limits
 
 from .._numba_math import _SQRT3, _SQRT5, exp_nonpositive_inplace
 from .base import Backend, Candidates, QueryBatch
 
-QUERY_TILE = 256
-CANDIDATE_TILE = 2048
+#: queries per thread task and candidates per GEMM: a (128 x 1024) float64 tile of G is 1 MiB
+QUERY_TILE = 128
+CANDIDATE_TILE = 1024
 
 
 @dataclass(frozen=True)
@@ -114,44 +116,63 @@ def _heap_push(ha, hi, size, a, j):
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
-def _select_tile(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, xt, ip, g, c0,
-                 heap_a, heap_i, count, a_dropped, evaluations):
-    """Fold one candidate tile (columns c0 .. c0 + g.shape[1]) into every query's heap.
+def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, ip, query_tile, candidate_tile,
+            heap_a, heap_i, count, a_dropped, evaluations):
+    """Stream every admissible candidate of every query into that query's bounded min-heap.
 
-    The heap keeps the ``keep`` largest fast |rho|; whatever leaves it or never enters
-    raises ``a_dropped``, which certification compares against the k-th kept value.
+    One thread owns a query tile: it multiplies the tile by each candidate tile with a
+    single-threaded BLAS GEMM (the tile of G stays in its cache) and folds the transformed
+    row into the heaps at once. The heap keeps the ``keep`` largest fast |rho|; whatever
+    leaves it or never enters raises ``a_dropped``, which certification compares against
+    the k-th kept value.
     """
+    q = qx.shape[0]
     keep = heap_a.shape[1]
-    for r in prange(g.shape[0]):
-        width = min(qlimit[r] - c0, g.shape[1])
-        if width <= 0:
-            continue
-        row = np.empty(width)
-        work = np.empty((3, width))
-        _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], xt, ip, c0, g[r], row, work)
-        ha = heap_a[r]
-        hi = heap_i[r]
-        size = count[r]
-        dropped = a_dropped[r]
-        skip = qself[r] - c0
-        for b in range(width):
-            if b == skip:
-                continue
-            a = row[b]
-            if size < keep:
-                _heap_push(ha, hi, size, a, c0 + b)
-                size += 1
-            elif a > ha[0]:
-                if ha[0] > dropped:
-                    dropped = ha[0]
-                ha[0] = a
-                hi[0] = c0 + b
-                _sift_down(ha, hi, size)
-            elif a > dropped:
-                dropped = a
-        count[r] = size
-        a_dropped[r] = dropped
-        evaluations[r] += width - (1 if 0 <= skip < width else 0)
+    for tile in prange((q + query_tile - 1) // query_tile):
+        r0 = tile * query_tile
+        r1 = min(r0 + query_tile, q)
+        stop = 0
+        for r in range(r0, r1):
+            stop = max(stop, qlimit[r])
+        row = np.empty(candidate_tile)
+        work = np.empty((3, candidate_tile))
+        g_full = np.empty((r1 - r0, candidate_tile))
+        for c0 in range(0, stop, candidate_tile):
+            c1 = min(c0 + candidate_tile, stop)
+            if c1 - c0 == candidate_tile:
+                np.dot(qv[r0:r1], v[c0:c1].T, g_full)
+                g = g_full
+            else:
+                g = np.dot(qv[r0:r1], v[c0:c1].T)
+            for r in range(r0, r1):
+                width = min(qlimit[r] - c0, c1 - c0)
+                if width <= 0:
+                    continue
+                vals = row[:width]
+                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], xt, ip, c0, g[r - r0], vals, work)
+                ha = heap_a[r]
+                hi = heap_i[r]
+                size = count[r]
+                dropped = a_dropped[r]
+                skip = qself[r] - c0
+                for b in range(width):
+                    if b == skip:
+                        continue
+                    a = vals[b]
+                    if size < keep:
+                        _heap_push(ha, hi, size, a, c0 + b)
+                        size += 1
+                    elif a > ha[0]:
+                        if ha[0] > dropped:
+                            dropped = ha[0]
+                        ha[0] = a
+                        hi[0] = c0 + b
+                        _sift_down(ha, hi, size)
+                    elif a > dropped:
+                        dropped = a
+                count[r] = size
+                a_dropped[r] = dropped
+                evaluations[r] += width - (1 if 0 <= skip < width else 0)
 
 
 class CpuBackend(Backend):
@@ -188,15 +209,12 @@ class CpuBackend(Backend):
         count = np.zeros(q, dtype=np.int64)
         a_dropped = np.full(q, -1.0)
         evaluations = np.zeros(q, dtype=np.int64)
-        qip = 1.0 / np.sqrt(batch.p)
-        for q0 in range(0, q, QUERY_TILE):
-            rows = slice(q0, min(q0 + QUERY_TILE, q))
-            stop = int(batch.limit[rows].max())
-            for c0 in range(0, stop, CANDIDATE_TILE):
-                c1 = min(c0 + CANDIDATE_TILE, stop)
-                gt = batch.v[rows] @ prepared.v[c0:c1].T
-                _select_tile(prepared.kernel_id, prepared.variance, batch.coords[rows], prepared.inv_scale,
-                             qip[rows], batch.self_index[rows], batch.limit[rows], prepared.xt,
-                             prepared.inv_sqrt_p, gt, c0, heap_a[rows], heap_i[rows], count[rows],
-                             a_dropped[rows], evaluations[rows])
+        # Parallelism is across query tiles, each with a single-threaded GEMM: BLAS threads
+        # and Numba threads would otherwise take turns (and spin against each other).
+        # Tiles differ in cost in predecessor mode, hence dynamic scheduling (chunks of 1).
+        with threadpool_limits(1, user_api="blas"), parallel_chunksize(1):
+            _select(prepared.kernel_id, prepared.variance, batch.coords, prepared.inv_scale,
+                    1.0 / np.sqrt(batch.p), batch.self_index, batch.limit, batch.v, prepared.xt, prepared.v,
+                    prepared.inv_sqrt_p, QUERY_TILE, CANDIDATE_TILE, heap_a, heap_i, count, a_dropped,
+                    evaluations)
         return Candidates(index=heap_i, abs_rho=heap_a, a_dropped=a_dropped, evaluations=int(evaluations.sum()))

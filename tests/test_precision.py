@@ -1,0 +1,57 @@
+"""The rounding margins that make the fast path exact, checked against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import residual_gpu as rg
+from residual_gpu._numba_math import exp_nonpositive_inplace
+from residual_gpu.precision import UNIT_ROUNDOFF, query_margins
+from residual_gpu.reference import residual_rho_block
+
+from conftest import KERNEL_CLASSES
+
+
+def test_polynomial_exp_within_3_ulp_of_libm():
+    rng = np.random.default_rng(0)
+    z = np.concatenate([-rng.random(200_000) * 60, -rng.random(1000) * 1e-12, [0.0, -700.0, -707.9]])
+    out = z.copy()
+    exp_nonpositive_inplace(out, np.empty_like(z))
+    ulp = np.spacing(np.exp(z))
+    assert np.max(np.abs(out - np.exp(z)) / ulp) <= 3.0
+    far = np.array([-708.0, -750.0, -1e6])
+    exp_nonpositive_inplace(far, np.empty(3))
+    assert np.all(far == far[0]) and 0 < far[0] < 1e-307  # clamped, never 0 or nan
+
+
+def _gold_like(seed):
+    x = np.random.default_rng(seed).normal(size=(300, 3))
+    u = x[np.sort(np.random.default_rng(seed).choice(300, 150, replace=False))]
+    return rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("tiny_p", [False, True], ids=["moderate-p", "tiny-p"])
+def test_fast_values_within_margin(kernel, tiny_p):
+    if tiny_p:
+        prob = _gold_like(1)
+        prob = rg.ResidualProblem.from_factors(prob.coords, v=prob.v, p=prob.p,
+                                               kernel=kernel(lengthscale=1.0), inducing=prob.inducing)
+    else:
+        x = np.random.default_rng(2).random((300, 3)) * 1000.0  # far from the origin
+        prob = rg.ResidualProblem(x, kernel=kernel(lengthscale=np.array([80.0, 120.0, 100.0])), inducing=40)
+    index = rg.ResidualIndex(prob, backend="cpu")
+    rows = np.arange(prob.n)
+    batch = index._batch(rows, None, False)
+    fast = index._backend.abs_rho_tile(index._prepared, batch, rows)
+    exact = np.abs(residual_rho_block(prob.coords, prob.v, prob.p, prob.coords, prob.v, prob.p, prob.kernel))
+    ip = 1.0 / np.sqrt(prob.p)
+    margin = query_margins(prob.v_norms, prob.p, np.max(prob.v_norms * ip), np.max(ip), prob.m, prob.d,
+                           prob.kernel.variance)
+    err = np.abs(fast - exact)
+    assert np.all(err <= margin[:, None]), np.max(err / margin[:, None])
+    # the margin is a bound, not a guess: it is not absurdly loose either (the inducing
+    # points themselves have p ~ jitter, which sets max_j 1/sqrt(p_j) for everyone)
+    assert np.median(margin) < (1e-6 if tiny_p else 1e-10)
+    assert margin.min() >= 32 * UNIT_ROUNDOFF[np.dtype(np.float64)]
