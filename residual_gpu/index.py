@@ -9,7 +9,7 @@ import numpy as np
 
 from ._validation import as_index_array, as_int
 from .backends import QueryBatch, get_backend
-from .brute import brute_force_knn
+from .search import exact_knn
 from .errors import InvalidArgumentError, InvalidTypeError
 from .kernels import Kernel
 from .problem import ResidualProblem
@@ -87,7 +87,10 @@ class ResidualIndex:
         telemetry = Telemetry(method=self.method, backend=self.backend, queries=batch.size, k=k,
                               predecessor=bool(predecessor))
         t0 = time.perf_counter()
-        idx, dist = brute_force_knn(self._backend, self._prepared, self.problem, batch, k, telemetry, progress)
+        def select(sub, keep):
+            return self._backend.select_candidates(self._prepared, sub, keep)
+
+        idx, dist = exact_knn(select, self.problem, batch, k, telemetry, progress)
         telemetry.add_seconds("query", time.perf_counter() - t0)
         return KnnResult(idx, dist, telemetry)
 

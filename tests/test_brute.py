@@ -7,7 +7,7 @@ import pytest
 
 import residual_gpu as rg
 import residual_gpu.backends.cpu as cpu_backend
-import residual_gpu.brute as brute
+import residual_gpu.search as search
 from residual_gpu.reference import brute_knn_reference
 
 from conftest import KERNEL_CLASSES, assert_knn_equal, make_problem, reference_distance_rows
@@ -95,7 +95,7 @@ def test_many_exact_ties_force_retries(monkeypatch):
     problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3), inducing=15)
     res = check(problem, 10)
     assert res.telemetry.recertified_queries > 0
-    monkeypatch.setattr(brute, "CANDIDATE_SLOTS", 64)  # retries go a few queries at a time
+    monkeypatch.setattr(search, "CANDIDATE_SLOTS", 64)  # retries go a few queries at a time
     check(problem, 10, predecessor=True)
 
 
@@ -120,7 +120,7 @@ def test_tiling_and_chunking(monkeypatch):
     """Small tiles and chunks: every boundary of the streaming select is crossed."""
     monkeypatch.setattr(cpu_backend, "QUERY_TILE", 7)
     monkeypatch.setattr(cpu_backend, "CANDIDATE_TILE", 13)
-    monkeypatch.setattr(brute, "QUERY_CHUNK", 19)
+    monkeypatch.setattr(search, "QUERY_CHUNK", 19)
     problem = make_problem(6, 130, 2, rg.Matern32(lengthscale=0.15), 14, duplicates=10)
     check(problem, 6)
     check(problem, 6, predecessor=True)
@@ -129,7 +129,7 @@ def test_tiling_and_chunking(monkeypatch):
 
 def test_minimal_keep_still_exact(monkeypatch):
     """With no slack kept, near-ties fail certification and are searched again."""
-    monkeypatch.setattr(brute, "initial_keep", lambda k: k)
+    monkeypatch.setattr(search, "initial_keep", lambda k: k)
     problem = make_problem(7, 150, 2, rg.Matern12(lengthscale=0.1), 12, duplicates=30)
     res = check(problem, 5)
     assert res.telemetry.keep == 5

@@ -1,20 +1,24 @@
-"""Exact brute-force kNN: the backend's streaming select, then host certification.
+"""Exact kNN driver shared by every method: a select pass, then host certification.
 
-Queries are processed in chunks (bounded memory whatever q is), each chunk ordered by its
-admissible limit so that predecessor-mode tiles stop early. A query whose k-th neighbour
-the fast values cannot certify is searched again with four times as many kept
-candidates; once ``keep`` covers every admissible candidate nothing is dropped and
-certification cannot fail, so the loop ends.
+A method supplies ``select(batch, keep) -> Candidates``: for brute force the backend's
+streaming select over all candidates; for the tree a traversal that also counts pruned
+subtrees as dropped (with their upper bound on |rho|). Queries are processed in chunks
+(bounded memory whatever q is), each chunk ordered by its admissible limit so that
+predecessor-mode tiles stop early. A query whose k-th neighbour the fast values cannot
+certify is searched again with four times as many kept candidates; once ``keep`` covers
+every admissible candidate nothing is dropped and certification cannot fail, so the loop
+ends.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backends import Backend, QueryBatch
+from .backends import Candidates, QueryBatch
 from .certify import certify_and_rank
 from .precision import query_margins
 from .telemetry import Telemetry
@@ -34,8 +38,9 @@ def _candidate_maxima(problem) -> tuple[float, float]:
     return float(np.max(problem.v_norms * ip)), float(np.max(ip))
 
 
-def brute_force_knn(backend: Backend, prepared, problem, batch: QueryBatch, k: int,
-                    telemetry: Telemetry, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_knn(select: Callable[[QueryBatch, int], Candidates], problem, batch: QueryBatch, k: int,
+              telemetry: Telemetry, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, distances) for every query of ``batch``, certified exact (see certify.py)."""
     q = batch.size
     out_index = np.full((q, k), -1, dtype=np.int64)
     out_dist = np.full((q, k), np.inf)
@@ -44,7 +49,8 @@ def brute_force_knn(backend: Backend, prepared, problem, batch: QueryBatch, k: i
     telemetry.keep = initial_keep(k)
     # progress=None: a bar only for multi-chunk runs on a terminal (tqdm's disable=None)
     disable = True if progress is False or (progress is None and q <= QUERY_CHUNK) else (None if progress is None else False)
-    bar = tqdm(total=q, unit="query", disable=disable, desc=f"residual kNN ({backend.name})", leave=False)
+    bar = tqdm(total=q, unit="query", disable=disable, desc=f"residual kNN ({telemetry.method}, {telemetry.backend})",
+               leave=False)
     # work items: (query rows, candidates to keep); failures come back with 4x the keep
     work = [(order[start:start + QUERY_CHUNK], telemetry.keep) for start in range(0, q, QUERY_CHUNK)][::-1]
     while work:
@@ -56,7 +62,7 @@ def brute_force_knn(backend: Backend, prepared, problem, batch: QueryBatch, k: i
             rows = rows[:fits]
         sub = batch.take(rows)
         t0 = time.perf_counter()
-        cand = backend.select_candidates(prepared, sub, keep)
+        cand = select(sub, keep)
         t1 = time.perf_counter()
         margin = query_margins(sub.v_norms, sub.p, w_max, ip_max, problem.m, problem.d, problem.kernel.variance)
         idx = np.empty((sub.size, k), dtype=np.int64)
