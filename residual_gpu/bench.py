@@ -13,6 +13,7 @@ import numpy as np
 from threadpoolctl import threadpool_info
 
 from . import __version__
+from .errors import BackendUnavailableError
 from .index import ResidualIndex
 from .problem import ResidualProblem
 from .suites import get_suite
@@ -107,4 +108,50 @@ def format_table(result: dict) -> str:
             f"{r['candidate_share']:.3f}", f"{r['gflops']:.1f}", f"{r['gemm_gflops']:.1f}",
             f"{r['gemm_fraction']:.0%}", str(r["recertified_queries"]),
         ]))
+    return "\n".join(lines)
+
+
+def run_parity(name: str, n: int | None = None, backend: str = "auto") -> dict:
+    """One suite on the Python engine (brute force) and on the Rust oracle, side by side.
+
+    Needs the oracle (``pip install ./rust_ref``). Reports, per mode, both timings, how many
+    result rows have identical indices and the largest distance difference.
+    """
+    try:
+        import residual_gpu_ref as oracle
+    except ImportError as exc:
+        raise BackendUnavailableError("the Rust oracle is not installed: pip install ./rust_ref") from exc
+    case = get_suite(name, n)
+    problem = ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
+    index = ResidualIndex(problem, backend=backend, method="brute")
+    queries = np.arange(case.n, dtype=np.int64) if case.queries is None else case.queries.astype(np.int64)
+    rows = []
+    for predecessor in case.modes:
+        index.query(case.k, queries=queries[:8], predecessor=predecessor, progress=False)  # JIT warm-up
+        t0 = time.perf_counter()
+        ours = index.query(case.k, queries=queries, predecessor=predecessor, progress=False)
+        t1 = time.perf_counter()
+        ref_idx, ref_dist = oracle.brute_knn(
+            problem.coords, problem.v, problem.p, kernel=problem.kernel.name, lengthscale=problem.lengthscales,
+            variance=problem.kernel.variance, k=case.k, queries=queries, predecessor=predecessor)
+        t2 = time.perf_counter()
+        finite = ref_idx >= 0
+        rows.append({
+            "predecessor": predecessor, "engine_seconds": t1 - t0, "oracle_seconds": t2 - t1,
+            "rows_identical": int(np.all(ours.indices == ref_idx, axis=1).sum()), "rows": int(queries.size),
+            "max_abs_distance_difference": float(np.max(np.abs(ours.distances[finite] - ref_dist[finite]),
+                                                        initial=0.0)),
+        })
+    return {"suite": case.name, "n": case.n, "k": case.k, "backend": index.backend,
+            "oracle_version": getattr(oracle, "__version__", "?"), "median_p": float(np.median(problem.p)),
+            "rows": rows}
+
+
+def format_parity(result: dict) -> str:
+    lines = [f"parity suite={result['suite']} n={result['n']} k={result['k']} median_p={result['median_p']:.3g} "
+             f"engine backend={result['backend']} oracle=residual_gpu_ref {result['oracle_version']}",
+             "predecessor | engine_s | oracle_s | rows with identical indices | max |d_engine - d_oracle|"]
+    for r in result["rows"]:
+        lines.append(f"{r['predecessor']} | {r['engine_seconds']:.2f} | {r['oracle_seconds']:.2f} | "
+                     f"{r['rows_identical']}/{r['rows']} | {r['max_abs_distance_difference']:.2e}")
     return "\n".join(lines)

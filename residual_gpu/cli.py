@@ -119,5 +119,21 @@ def bench(suite, n, methods, backend, repeats, as_json):
         click.echo(format_table(result))
 
 
+@main.command()
+@click.option("--suite", type=click.Choice(sorted(SUITES)), default="gold", show_default=True)
+@click.option("--n", type=int, default=None, help="Override the suite's number of points.")
+@click.option("--backend", type=str, default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+def parity(suite, n, backend, as_json):
+    """Run a suite on the Python engine and on the Rust oracle and compare them."""
+    from .bench import format_parity, run_parity
+
+    try:
+        result = run_parity(suite, n=n, backend=backend)
+    except ResidualGPUError as exc:
+        _fail(exc)
+    click.echo(json.dumps(result, indent=2) if as_json else format_parity(result))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
