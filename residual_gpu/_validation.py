@@ -15,6 +15,8 @@ from .errors import InvalidArgumentError, InvalidTypeError
 
 def _describe(value) -> str:
     """A short description of a rejected value for error messages."""
+    if isinstance(value, np.generic):
+        return repr(value.item())
     if isinstance(value, np.ndarray):
         return f"array(shape={value.shape}, dtype={value.dtype})"
     text = repr(value)
@@ -49,7 +51,7 @@ def as_float_matrix(value, name: str, *, ncols: int | None = None, min_rows: int
     if not np.all(np.isfinite(out)):
         bad = np.argwhere(~np.isfinite(out))[0]
         raise InvalidArgumentError(
-            f"{name} must be finite, got {name}[{bad[0]}, {bad[1]}]={arr[tuple(bad)]!r}"
+            f"{name} must be finite, got {name}[{bad[0]}, {bad[1]}]={_describe(arr[tuple(bad)])}"
         )
     return out
 
@@ -71,17 +73,19 @@ def as_float_vector(value, name: str, *, length: int | None = None, positive: bo
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
         need = "finite and > 0" if positive else "finite"
-        raise InvalidArgumentError(f"{name} must be {need}, got {name}[{i}]={arr[i]!r}")
+        raise InvalidArgumentError(f"{name} must be {need}, got {name}[{i}]={_describe(arr[i])}")
     return out
 
 
 def as_positive_float(value, name: str) -> float:
-    """A finite float > 0."""
+    """A finite float > 0 (a 0-d array counts as a scalar)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
         raise InvalidTypeError(f"{name} must be a real number, got {_describe(value)}")
     out = float(value)
     if not np.isfinite(out) or out <= 0:
-        raise InvalidArgumentError(f"{name} must be finite and > 0, got {name}={value!r}")
+        raise InvalidArgumentError(f"{name} must be finite and > 0, got {name}={_describe(value)}")
     return out
 
 
@@ -93,7 +97,7 @@ def as_int(value, name: str, *, low: int | None = None, high: int | None = None)
     if (low is not None and out < low) or (high is not None and out > high):
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}], got {name}={value!r}")
+        raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}], got {name}={_describe(value)}")
     return out
 
 
@@ -115,5 +119,5 @@ def as_index_array(value, name: str, *, n: int) -> np.ndarray:
     bad = (out < 0) | (out >= n)
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
-        raise InvalidArgumentError(f"{name} must be in [0, {n}), got {name}[{i}]={arr[i]!r}")
+        raise InvalidArgumentError(f"{name} must be in [0, {n}), got {name}[{i}]={_describe(arr[i])}")
     return out

@@ -33,8 +33,8 @@ def main(verbose: bool):
 @main.command()
 def info():
     """Version, backends (and why one is unavailable), devices and thread pools."""
-    from threadpoolctl import threadpool_info
     import numba
+    from threadpoolctl import threadpool_info
 
     click.echo(f"residual_gpu {__version__}  python {platform.python_version()}  {platform.machine()}")
     click.echo(f"numpy {np.__version__}  numba {numba.__version__}  threading layer: "
@@ -42,7 +42,10 @@ def info():
     click.echo("backends:")
     for name, (usable, reason) in available_backends().items():
         click.echo(f"  {name:5s} {'available' if usable else 'unavailable'}: {reason}")
-    click.echo(f"auto resolves to: {resolve_backend_name('auto')}")
+    try:
+        click.echo(f"auto resolves to: {resolve_backend_name('auto')}")
+    except ResidualGPUError as exc:
+        click.echo(f"auto does not resolve: {exc}")
     click.echo("thread pools:")
     for pool in threadpool_info():
         click.echo(f"  {pool.get('internal_api')} {pool.get('version')} threads={pool.get('num_threads')} "
@@ -53,11 +56,14 @@ def _load_array(path: str, name: str) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise click.BadParameter(f"no such file: {path}", param_hint=name)
-    if p.suffix == ".npy":
-        return np.load(p, allow_pickle=False)
-    if p.suffix in (".csv", ".txt"):
+    if p.suffix not in (".npy", ".csv", ".txt"):
+        raise click.BadParameter(f"expected a .npy or .csv file, got {path}", param_hint=name)
+    try:
+        if p.suffix == ".npy":
+            return np.load(p, allow_pickle=False)
         return np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
-    raise click.BadParameter(f"expected a .npy or .csv file, got {path}", param_hint=name)
+    except (ValueError, OSError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint=name) from None
 
 
 @main.command()
@@ -82,7 +88,11 @@ def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, p
     from .problem import ResidualProblem
 
     coords = _load_array(coords_path, "COORDS")
-    ls = [float(x) for x in lengthscale.split(",")]
+    try:
+        ls = [float(x) for x in lengthscale.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected a float or comma-separated floats, got {lengthscale!r}",
+                                 param_hint="--lengthscale") from None
     try:
         kern = make_kernel(kernel, lengthscale=ls[0] if len(ls) == 1 else np.array(ls), variance=variance)
         problem = ResidualProblem(coords, kernel=kern, inducing=inducing, seed=seed)
@@ -91,7 +101,8 @@ def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, p
         res = index.query(k, query_coords=qc, predecessor=predecessor, progress=progress)
     except ResidualGPUError as exc:
         _fail(exc)
-    np.savez(output, indices=res.indices, distances=res.distances)
+    with open(output, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare name
+        np.savez(fh, indices=res.indices, distances=res.distances)
     click.echo(f"wrote {output}: {res.indices.shape[0]} queries x k={k} "
                f"(backend={index.backend}, method={index.method}, {res.telemetry.seconds['query']:.2f}s)")
 
@@ -102,7 +113,7 @@ def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, p
 @click.option("--method", "methods", multiple=True, default=("brute",), show_default=True,
               type=click.Choice(["brute"]), help="Search method(s) to run (repeatable).")
 @click.option("--backend", type=str, default="auto", show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed repeats (median reported).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repeats (median reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
 def bench(suite, n, methods, backend, repeats, as_json):
     """Run a benchmark suite and print a table (or JSON)."""

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import as_index_array, as_int
+from ._validation import _describe, as_index_array, as_int
 from .backends import QueryBatch, get_backend
-from .search import exact_knn
 from .errors import InvalidArgumentError, InvalidTypeError
 from .kernels import Kernel
 from .problem import ResidualProblem
+from .search import exact_knn
 from .telemetry import Telemetry
 
 METHODS = ("auto", "brute")
@@ -42,8 +42,10 @@ class ResidualIndex:
 
     def __init__(self, problem: ResidualProblem, backend: str = "auto", method: str = "auto"):
         if not isinstance(problem, ResidualProblem):
-            raise InvalidTypeError(f"problem must be a ResidualProblem, got problem={problem!r}")
-        if not isinstance(method, str) or method not in METHODS:
+            raise InvalidTypeError(f"problem must be a ResidualProblem, got problem={_describe(problem)}")
+        if not isinstance(method, str):
+            raise InvalidTypeError(f"method must be a string, got method={method!r}")
+        if method not in METHODS:
             raise InvalidArgumentError(f"method must be one of {list(METHODS)}, got method={method!r}")
         self.problem = problem
         self._backend = get_backend(backend)
@@ -80,10 +82,9 @@ class ResidualIndex:
             raise InvalidTypeError(f"predecessor must be a bool, got predecessor={predecessor!r}")
         batch = self._batch(queries, query_coords, bool(predecessor))
         most = self.problem.n if query_coords is not None else self.problem.n - 1
-        if predecessor:
-            k = as_int(k, "k", low=1)
-        else:
-            k = as_int(k, "k", low=1, high=most)
+        # In predecessor mode early rows have fewer than k admissible points and are padded,
+        # but no row can ever have more than n - 1.
+        k = as_int(k, "k", low=1, high=most)
         telemetry = Telemetry(method=self.method, backend=self.backend, queries=batch.size, k=k,
                               predecessor=bool(predecessor))
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import scipy.linalg
 
 from ._numba_math import residual_variances
 from ._validation import as_float_matrix, as_float_vector, as_int
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidTypeError
 from .inducing import kmeanspp_indices
 from .kernels import Kernel, make_kernel
 
@@ -56,7 +56,10 @@ class ResidualProblem:
         self._init_geometry(x, kernel, jitter, p_floor)
         n = x.shape[0]
         self.seed = as_int(seed, "seed", low=0)
-        if isinstance(inducing, (int, np.integer)) and not isinstance(inducing, bool):
+        if isinstance(inducing, (float, np.floating, bool)):
+            raise InvalidTypeError(f"inducing must be an int (a count) or an (m, d) array of points, "
+                                   f"got inducing={inducing!r}")
+        if isinstance(inducing, (int, np.integer)):
             m = as_int(inducing, "inducing", low=1, high=n)
             self.inducing_indices = _frozen(kmeanspp_indices(x, m, self.seed))
             u = x[self.inducing_indices]
@@ -72,7 +75,7 @@ class ResidualProblem:
 
     @classmethod
     def from_factors(cls, coords, *, v, p, kernel: Kernel, inducing=None,
-                     jitter: float = DEFAULT_JITTER, p_floor: float = DEFAULT_P_FLOOR) -> "ResidualProblem":
+                     jitter: float = DEFAULT_JITTER, p_floor: float = DEFAULT_P_FLOOR) -> ResidualProblem:
         """A problem from factors the caller's GP code already has: V (n, m) and p (n,).
 
         ``inducing`` (m, d) is optional; without it new coordinates cannot be queried.

@@ -56,6 +56,9 @@ def exact_knn(select: Callable[[QueryBatch, int], Candidates], problem, batch: Q
     while work:
         rows, keep = work.pop()
         keep = min(keep, int(batch.limit[rows].max()))
+        if keep == 0:  # predecessor mode, first point(s): nothing is admissible, rows stay padded
+            bar.update(rows.size)
+            continue
         fits = max(1, CANDIDATE_SLOTS // keep)  # retries with a large keep go a few queries at a time
         if rows.size > fits:
             work.append((rows[fits:], keep))

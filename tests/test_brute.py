@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import KERNEL_CLASSES, assert_knn_equal, make_problem, reference_distance_rows
 
 import residual_gpu as rg
 import residual_gpu.backends.cpu as cpu_backend
-import residual_gpu.search as search
+from residual_gpu import search
 from residual_gpu.reference import brute_knn_reference
-
-from conftest import KERNEL_CLASSES, assert_knn_equal, make_problem, reference_distance_rows
 
 CASES = [  # (d, kernel, lengthscale, m)
     (1, rg.Matern12, 0.2, 12),
@@ -69,7 +68,7 @@ def test_k_up_to_admissible_maximum(predecessor):
     for k in (1, 2, 30, 58, 59):
         check(problem, k, predecessor=predecessor)
     if predecessor:
-        res = check(problem, 80, predecessor=True)  # more than anyone has: padded
+        res = check(problem, 59, predecessor=True)  # early rows have fewer: padded
         assert np.all((res.indices >= 0).sum(axis=1) == np.arange(60))
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import KERNEL_CLASSES
 
 import residual_gpu as rg
 from residual_gpu._numba_math import exp_nonpositive_inplace
 from residual_gpu.precision import UNIT_ROUNDOFF, query_margins
 from residual_gpu.reference import residual_rho_block
-
-from conftest import KERNEL_CLASSES
 
 
 def test_polynomial_exp_within_3_ulp_of_libm():

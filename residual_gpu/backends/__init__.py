@@ -34,8 +34,11 @@ def resolve_backend_name(name: str = "auto") -> str:
     if not isinstance(name, str):
         raise InvalidTypeError(f"backend must be a string, got backend={name!r}")
     requested = name.lower()
-    if requested == "auto":
-        requested = os.environ.get(ENV_VAR, "auto").lower() or "auto"
+    if requested == "auto" and os.environ.get(ENV_VAR):
+        requested = os.environ[ENV_VAR].lower()
+        if requested not in BACKENDS and requested != "auto":
+            raise InvalidArgumentError(
+                f"{ENV_VAR} must be one of {['auto', *BACKENDS]}, got {ENV_VAR}={os.environ[ENV_VAR]!r}")
     if requested == "auto":
         usable, _ = CudaBackend.availability()
         return "cuda" if usable else "cpu"
