@@ -13,7 +13,7 @@ import numpy as np
 from threadpoolctl import threadpool_info
 
 from . import __version__
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, InvalidArgumentError
 from .index import ResidualIndex
 from .problem import ResidualProblem
 from .suites import get_suite
@@ -40,6 +40,8 @@ def gemm_seconds(q: int, n: int, m: int, repeats: int = 3) -> float:
 def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("brute",),
               repeats: int = 3, progress: bool | None = None) -> dict:
     """Run one suite; returns a JSON-serialisable dict (rows: one per method and mode)."""
+    if repeats < 1:
+        raise InvalidArgumentError(f"repeats must be >= 1, got repeats={repeats!r}")
     case = get_suite(name, n)
     t0 = time.perf_counter()
     problem = ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
