@@ -20,7 +20,21 @@ from .problem import ResidualProblem
 __version__ = "0.1.0"
 
 __all__ = [
-    "RBF", "BackendUnavailableError", "IndexFormatError", "InvalidArgumentError", "InvalidTypeError",
-    "Kernel", "KnnResult", "Matern12", "Matern32", "Matern52", "ResidualGPUError", "ResidualIndex",
-    "ResidualProblem", "available_backends", "get_backend", "residual_knn", "__version__",
+    "RBF",
+    "BackendUnavailableError",
+    "IndexFormatError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "Kernel",
+    "KnnResult",
+    "Matern12",
+    "Matern32",
+    "Matern52",
+    "ResidualGPUError",
+    "ResidualIndex",
+    "ResidualProblem",
+    "__version__",
+    "available_backends",
+    "get_backend",
+    "residual_knn",
 ]

@@ -85,7 +85,7 @@ def accurate_abs_rho(xa, va, pa, xb, vb, pb, scale, kernel_id, variance):
     hi, lo = dot2(va, vb)
     c = (kval - hi) - lo
     rho = abs(c) / math.sqrt(pa * pb)
-    return rho if rho < 1.0 else 1.0
+    return min(1.0, rho)
 
 
 @njit(parallel=True, cache=True)
@@ -100,7 +100,7 @@ def residual_variances(v, variance, floor):
     for i in prange(n):
         hi, lo = dot2(v[i], v[i])
         p = (variance - hi) - lo
-        out[i] = p if p > floor else floor
+        out[i] = max(floor, p)
     return out
 
 
@@ -124,7 +124,7 @@ def exp_nonpositive_inplace(z, scratch):
     tb = scratch[:width]
     for b in range(width):
         x = z[b]
-        x = x if x > -708.0 else -708.0
+        x = max(-708.0, x)
         t = x * _LOG2E + _ROUND_SHIFT
         nf = t - _ROUND_SHIFT
         r = (x - nf * _LN2_HI) - nf * _LN2_LO

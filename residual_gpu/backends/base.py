@@ -42,7 +42,7 @@ class QueryBatch:
     def size(self) -> int:
         return self.coords.shape[0]
 
-    def take(self, rows: np.ndarray) -> "QueryBatch":
+    def take(self, rows: np.ndarray) -> QueryBatch:
         return QueryBatch(*(np.ascontiguousarray(a[rows]) for a in (
             self.coords, self.v, self.p, self.v_norms, self.self_index, self.limit)))
 

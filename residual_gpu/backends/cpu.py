@@ -72,7 +72,7 @@ def _abs_rho_row(kernel_id, variance, xq, inv_scale, ipq, xt, ip, c0, g, out, wo
             out[b] *= 1.0 + sr[b] + r2_coef * r2[b]
     for b in range(width):
         a = abs(variance * out[b] - g[b]) * ipq * ip[c0 + b]
-        out[b] = a if a < 1.0 else 1.0
+        out[b] = min(1.0, a)
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -163,8 +163,7 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
                         _heap_push(ha, hi, size, a, c0 + b)
                         size += 1
                     elif a > ha[0]:
-                        if ha[0] > dropped:
-                            dropped = ha[0]
+                        dropped = max(dropped, ha[0])
                         ha[0] = a
                         hi[0] = c0 + b
                         _sift_down(ha, hi, size)
