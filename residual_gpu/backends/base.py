@@ -51,7 +51,9 @@ class QueryBatch:
 class Candidates:
     """Result of ``select_candidates``: per query, kept candidate indices and fast |rho|.
 
-    ``index`` (q, keep) holds -1 where fewer than ``keep`` admissible candidates exist;
+    ``index`` (q, keep) holds -1 where fewer than ``keep`` admissible candidates exist
+    (the kept ones first: certification reads each row up to its first -1; the caller
+    never asks for keep = 0);
     ``a_dropped`` (q,) is the largest fast |rho| of an admissible candidate that was not
     kept (-1 when none was dropped); ``evaluations`` counts admissible pairs evaluated.
     """

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""GPU check and benchmark of the CuPy backend, for a machine with an NVIDIA GPU.
+
+    python scripts/gpu_bench.py                  # tests, GEMM yardstick, gold and vif: cuda vs cpu
+    python scripts/gpu_bench.py --n 8192 --repeats 1 --skip-cpu-vif   # quicker
+
+Steps (each printed with its command line):
+1. ``pytest -m gpu tests/test_cuda_backend.py``: cuda == cpu == reference on the device;
+2. the device's float64 GEMM rate: cupy.matmul of the gold brute-force shape
+   (1024 x 512) @ (512 x 32768), synchronised, median of several runs;
+3. ``residual_gpu.bench.run_suite`` on the gold and vif suites with backend="cuda" and
+   backend="cpu", printed as tables, and the achieved rate of the cuda brute force on gold
+   (2 * evaluations * m / seconds) as a fraction of the GEMM rate of step 2.
+
+Exit status: 1 if the GPU tests fail or the cuda backend is unavailable, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_gemm_gflops(q: int = 1024, m: int = 512, n: int = 32768, repeats: int = 10) -> tuple[float, float]:
+    """(median seconds, GFLOP/s) of a synchronised float64 cupy (q, m) @ (m, n)."""
+    import cupy as cp
+
+    rng = cp.random.default_rng(0)
+    a = rng.standard_normal((q, m), dtype=cp.float64)
+    b = rng.standard_normal((m, n), dtype=cp.float64)
+    out = cp.empty((q, n), dtype=cp.float64)
+    for _ in range(3):  # warm-up: cuBLAS handle, heuristics, clocks
+        cp.matmul(a, b, out=out)
+    cp.cuda.Device().synchronize()
+    times = []
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    for _ in range(repeats):
+        start.record()
+        cp.matmul(a, b, out=out)
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    seconds = sorted(times)[len(times) // 2]
+    return seconds, 2.0 * q * m * n / seconds / 1e9
+
+
+def device_name() -> str:
+    import cupy as cp
+
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=None, help="points per suite (default: the suite's own, 32768)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median quoted)")
+    parser.add_argument("--suites", default="gold,vif", help="comma-separated suites (default gold,vif)")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first")
+    parser.add_argument("--skip-cpu-vif", action="store_true", help="no cpu run of vif (it takes minutes)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
+    args = parser.parse_args(argv)
+
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"cwd: {os.getcwd()}")
+
+    import residual_gpu as rg
+    from residual_gpu.bench import format_table, run_suite
+
+    for name, (usable, reason) in rg.available_backends().items():
+        print(f"backend {name}: {'available' if usable else 'UNAVAILABLE'} - {reason}")
+    usable, reason = rg.available_backends()["cuda"]
+    if not usable:
+        print(f"the cuda backend cannot run here: {reason}", file=sys.stderr)
+        return 1
+    print(f"device: {device_name()}")
+
+    status = 0
+    if not args.skip_tests:
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", str(ROOT / "tests" / "test_cuda_backend.py")]
+        print(f"\n$ {shlex.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, check=False)
+        print(f"pytest -m gpu: exit {proc.returncode} in {time.perf_counter() - t0:.1f}s", flush=True)
+        if proc.returncode != 0:
+            status = 1
+
+    gemm_s, gemm_rate = device_gemm_gflops()
+    print(f"\ndevice float64 GEMM (1024 x 512) @ (512 x 32768), cupy.matmul, synchronised: "
+          f"{gemm_s * 1e3:.3f} ms = {gemm_rate:.0f} GFLOP/s (median of 10)")
+
+    results = {"device": device_name(), "gemm_seconds": gemm_s, "gemm_gflops": gemm_rate, "suites": []}
+    for suite in [s.strip() for s in args.suites.split(",") if s.strip()]:
+        for backend in ("cuda", "cpu"):
+            if backend == "cpu" and suite == "vif" and args.skip_cpu_vif:
+                continue
+            print(f"\n$ residual_gpu.bench.run_suite({suite!r}, n={args.n}, backend={backend!r}, "
+                  f"repeats={args.repeats})", flush=True)
+            result = run_suite(suite, n=args.n, backend=backend, repeats=args.repeats, progress=False)
+            print(format_table(result), flush=True)
+            results["suites"].append(result)
+            if backend == "cuda" and suite == "gold":
+                for row in result["rows"]:
+                    print(f"cuda brute force on gold (predecessor={row['predecessor']}): {row['gflops']:.0f} GFLOP/s "
+                          f"achieved = {row['gflops'] / gemm_rate:.1%} of the device's float64 GEMM rate "
+                          f"({row['query_seconds'] * 1e3:.1f} ms for {row['queries']} queries)")
+    # side-by-side summary: query seconds per suite and mode, cuda vs cpu
+    print("\nsummary (median query seconds)")
+    print("suite | predecessor | cuda_s | cpu_s | cpu/cuda")
+    by_key = {}
+    for result in results["suites"]:
+        for row in result["rows"]:
+            by_key.setdefault((result["suite"], row["predecessor"]), {})[row["backend"]] = row["query_seconds"]
+    for (suite, pred), times in by_key.items():
+        cuda_s, cpu_s = times.get("cuda"), times.get("cpu")
+        ratio = f"{cpu_s / cuda_s:.1f}x" if cuda_s and cpu_s else "-"
+        print(f"{suite} | {pred} | {_seconds(cuda_s)} | {_seconds(cpu_s)} | {ratio}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,643 @@
+"""The CuPy backend.
+
+Three layers, so that most of it is checked on machines without a GPU:
+
+- unmarked tests: availability messages with CuPy hidden or without a device, "auto" and
+  RESIDUAL_GPU_BACKEND behaviour, the .cu sources found by the loader (source tree and
+  installed layout), nothing imported at ``import residual_gpu``;
+- unmarked tests on an *emulated device*: kernels/residual_select.cu compiled by the host
+  C++ compiler (-DRG_HOST_EMULATION; each thread block run as real std::threads with a
+  std::barrier for __syncthreads, shared memory shared between them) and driven by the
+  backend's own host code with numpy standing in for CuPy. This checks the select and
+  transform kernels, the tiling, the launch arguments (their C types are checked against
+  the kernels' signatures) and the exact a_dropped, end to end against backend="cpu" and
+  the reference. Skipped when no C++20 compiler is found;
+- ``@pytest.mark.gpu`` tests: the same checks on a real device through CuPy; skipped with
+  the reason when CuPy is missing or sees no device. ``pytest -m gpu`` runs only these.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import residual_gpu as rg
+import residual_gpu.backends.cuda as cuda_backend
+from residual_gpu import backends as reg
+from residual_gpu import search
+from residual_gpu.backends import get_backend
+from residual_gpu.backends.cuda import CudaBackend
+from residual_gpu.errors import BackendUnavailableError
+from residual_gpu.reference import brute_knn_reference
+
+from conftest import assert_knn_equal, make_problem, reference_distance_rows
+
+ENV = "RESIDUAL_GPU_BACKEND"
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [  # (d, kernel, lengthscale, m), as tests/test_brute.py
+    (1, rg.Matern12, 0.2, 12),
+    (2, rg.Matern52, 0.1, 30),
+    (3, rg.RBF, 0.5, 40),
+    (8, rg.Matern32, np.linspace(0.6, 1.6, 8), 25),  # ARD
+]
+CASE_IDS = [f"d{c[0]}-{c[1].__name__}" for c in CASES]
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+
+
+def hide_cupy(monkeypatch):
+    """Make ``import cupy`` fail as if it were not installed (availability is not cached)."""
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(cuda_backend, "_RUNTIME", None)
+
+
+# --------------------------------------------------------------------------------------
+# Without CuPy / without a device
+# --------------------------------------------------------------------------------------
+
+
+def test_without_cupy_cuda_is_unavailable_and_says_how_to_install(monkeypatch):
+    hide_cupy(monkeypatch)
+    usable, reason = CudaBackend.availability()
+    assert not usable
+    assert "CuPy is not installed" in reason and "residual-gpu[cuda12]" in reason and "[cuda13]" in reason
+    with pytest.raises(BackendUnavailableError) as info:
+        get_backend("cuda")
+    assert "cuda12" in str(info.value) and "cuda13" in str(info.value)
+    problem = make_problem(0, 40, 2, rg.RBF(lengthscale=0.3), 5)
+    with pytest.raises(BackendUnavailableError):
+        rg.ResidualIndex(problem, backend="cuda")  # an explicit name never falls back
+
+
+def test_without_cupy_auto_resolves_to_cpu(monkeypatch):
+    hide_cupy(monkeypatch)
+    assert reg.resolve_backend_name("auto") == "cpu"
+    assert get_backend("auto").name == "cpu"
+    assert rg.ResidualIndex(make_problem(0, 40, 2, rg.RBF(lengthscale=0.3), 5)).backend == "cpu"
+
+
+def test_env_var_cuda_without_cupy_raises(monkeypatch):
+    hide_cupy(monkeypatch)
+    monkeypatch.setenv(ENV, "cuda")
+    with pytest.raises(BackendUnavailableError, match="cuda.*CuPy is not installed.*cuda12"):
+        get_backend("auto")
+    with pytest.raises(BackendUnavailableError):
+        rg.ResidualIndex(make_problem(0, 40, 2, rg.RBF(lengthscale=0.3), 5))
+
+
+def _fake_cupy(device_count):
+    def get_device_count():
+        if isinstance(device_count, Exception):
+            raise device_count
+        return device_count
+
+    runtime = types.SimpleNamespace(getDeviceCount=get_device_count)
+    return types.SimpleNamespace(__version__="13.0.0", cuda=types.SimpleNamespace(runtime=runtime))
+
+
+@pytest.mark.parametrize("count", [0, RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")],
+                         ids=["zero-devices", "runtime-error"])
+def test_cupy_without_device_says_so(monkeypatch, count):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(count))
+    usable, reason = CudaBackend.availability()
+    assert not usable
+    assert "CuPy is installed but sees no CUDA device" in reason
+    assert "not installed" not in reason
+    with pytest.raises(BackendUnavailableError, match="sees no CUDA device"):
+        get_backend("cuda")
+    assert reg.resolve_backend_name("auto") == "cpu"
+
+
+def test_importing_the_package_imports_no_cupy_or_jax():
+    code = ("import sys, residual_gpu, residual_gpu.backends.cuda, residual_gpu.backends.jax; "
+            "assert 'cupy' not in sys.modules and 'jax' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------
+# Locating the CUDA sources
+# --------------------------------------------------------------------------------------
+
+
+def test_kernel_sources_are_found_without_cupy(monkeypatch):
+    hide_cupy(monkeypatch)
+    path = cuda_backend.kernel_source_path()
+    assert path.is_file() and path.stat().st_size > 0
+    assert path == ROOT / "kernels" / cuda_backend.KERNEL_FILE  # the source tree wins in a checkout
+    src = cuda_backend.kernel_source()
+    for name in ("residual_select_tile", "residual_abs_rho_dense", "RG_SELECT_BLOCK"):
+        assert name in src
+
+
+def test_kernel_sources_are_found_in_an_installed_layout(monkeypatch, tmp_path):
+    """A wheel puts kernels/*.cu under <prefix>/share/residual_gpu/kernels (pyproject data-files)."""
+    site_pkgs = tmp_path / "lib" / "python3" / "site-packages"
+    fake_module = site_pkgs / "residual_gpu" / "backends" / "cuda.py"
+    data = tmp_path / cuda_backend.DATA_SUBDIR
+    data.mkdir(parents=True)
+    (data / cuda_backend.KERNEL_FILE).write_text("// installed copy\n")
+    monkeypatch.setattr(cuda_backend, "__file__", str(fake_module))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(tmp_path) if name == "data" else None)
+    assert cuda_backend.kernel_source_path() == data / cuda_backend.KERNEL_FILE
+    (data / cuda_backend.KERNEL_FILE).unlink()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(cuda_backend.site, "getuserbase", lambda: str(tmp_path / "nowhere"))
+    with pytest.raises(BackendUnavailableError, match="not found"):
+        cuda_backend.kernel_source_path()
+
+
+def test_pyproject_ships_every_kernel_source():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    data_files = config["tool"]["setuptools"]["data-files"]
+    shipped = data_files[cuda_backend.DATA_SUBDIR.as_posix()]
+    on_disk = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "kernels").glob("*.cu"))
+    assert on_disk and sorted(shipped) == on_disk
+
+
+def _nvrtc_library():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (which CuPy users often have) or the system."""
+    import ctypes.util
+    import glob
+    import importlib.util
+
+    candidates = []
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(glob.glob(os.path.join(base, "cuda_nvrtc", "lib", "libnvrtc.so*")))
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        candidates.append(found)
+    for path in candidates:
+        if "builtins" in path or ".alt." in path:
+            continue
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def test_kernels_compile_with_nvrtc():
+    """The .cu source through NVRTC (the compiler cupy.RawModule uses); needs no GPU, only libnvrtc."""
+    lib = _nvrtc_library()
+    if lib is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12 to run this check without CuPy)")
+    src = cuda_backend.kernel_source().encode()
+    for block in (cuda_backend.SELECT_BLOCK, 32):
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, cuda_backend.KERNEL_FILE.encode(), 0, None, None) == 0
+        opts = [f"-DRG_SELECT_BLOCK={block}".encode(), b"--gpu-architecture=compute_80"]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, log.value.decode()
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        for name in ("residual_select_tile", "residual_abs_rho_dense"):
+            assert f".entry {name}(" in ptx.value.decode()
+        assert "warning" not in log.value.decode().lower(), log.value.decode()
+
+
+# --------------------------------------------------------------------------------------
+# Emulated device: the .cu kernels compiled for the host, driven by the backend's host code
+# --------------------------------------------------------------------------------------
+
+_EMULATION_HEADER = r"""
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+using std::exp; using std::fabs; using std::sqrt;
+
+struct rg_dim3 { unsigned x, y, z; };
+static thread_local rg_dim3 threadIdx;
+static thread_local rg_dim3 blockIdx;
+static rg_dim3 blockDim, gridDim;
+static std::barrier<>* rg_barrier = nullptr;
+static char* rg_dynamic_shared = nullptr;
+
+static inline void __syncthreads() { rg_barrier->arrive_and_wait(); }
+static inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static  /* one block runs at a time: function statics are its shared memory */
+#define RG_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(rg_dynamic_shared)
+#define RG_HOST_EMULATION 1
+#include "residual_select.cu"
+
+template <typename T> struct rg_code;
+template <> struct rg_code<int> { static constexpr char c = 'i'; };
+template <> struct rg_code<long long> { static constexpr char c = 'q'; };
+template <> struct rg_code<double> { static constexpr char c = 'd'; };
+template <> struct rg_code<int*> { static constexpr char c = 'I'; };
+template <> struct rg_code<long long*> { static constexpr char c = 'Q'; };
+template <> struct rg_code<double*> { static constexpr char c = 'D'; };
+template <> struct rg_code<const int*> { static constexpr char c = 'I'; };
+template <> struct rg_code<const long long*> { static constexpr char c = 'Q'; };
+template <> struct rg_code<const double*> { static constexpr char c = 'D'; };
+
+template <typename... A> static std::string rg_signature(void (*)(A...)) { return std::string{rg_code<A>::c...}; }
+
+template <typename... A, std::size_t... I>
+static void rg_call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
+    kernel(*static_cast<A*>(args[I])...);
+}
+
+template <typename... A>
+static void rg_launch(void (*kernel)(A...), unsigned grid, unsigned block, std::size_t shared, void** args) {
+    // `block` threads live for the whole launch and run the blocks one after the other; the
+    // barrier that implements __syncthreads also separates consecutive blocks.
+    blockDim = {block, 1, 1};
+    gridDim = {grid, 1, 1};
+    std::vector<char> dynamic(shared + 64);
+    rg_dynamic_shared = dynamic.data();
+    std::barrier<> barrier(block);
+    rg_barrier = &barrier;
+    std::vector<std::thread> threads;
+    threads.reserve(block);
+    for (unsigned t = 0; t < block; ++t)
+        threads.emplace_back([&, t] {
+            threadIdx = {t, 0, 0};
+            for (unsigned b = 0; b < grid; ++b) {
+                if (t == 0) std::memset(dynamic.data(), 0xff, dynamic.size());  // garbage (NaN) until written
+                barrier.arrive_and_wait();
+                blockIdx = {b, 0, 0};
+                rg_call(kernel, args, std::index_sequence_for<A...>{});
+                barrier.arrive_and_wait();  // every thread has left block b
+            }
+        });
+    for (auto& th : threads) th.join();
+}
+
+static std::string rg_sig_buffer;
+
+extern "C" const char* rg_emu_signature(const char* name) {
+    const std::string n(name);
+    if (n == "residual_select_tile") rg_sig_buffer = rg_signature(residual_select_tile);
+    else if (n == "residual_abs_rho_dense") rg_sig_buffer = rg_signature(residual_abs_rho_dense);
+    else return nullptr;
+    return rg_sig_buffer.c_str();
+}
+
+extern "C" int rg_emu_launch(const char* name, unsigned grid, unsigned block, std::size_t shared, void** args) {
+    const std::string n(name);
+    if (n == "residual_select_tile") rg_launch(residual_select_tile, grid, block, shared, args);
+    else if (n == "residual_abs_rho_dense") rg_launch(residual_abs_rho_dense, grid, block, shared, args);
+    else return 1;
+    return 0;
+}
+"""
+
+#: CUDA's default limit on dynamic + static shared memory per block without opt-in.
+_SHARED_LIMIT = 48 * 1024
+_DTYPE_OF = {"I": np.int32, "Q": np.int64, "D": np.float64}
+_SCALAR_OF = {"i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64), "d": (np.float64, ctypes.c_double)}
+
+
+class _EmulatedRuntime:
+    """Stands in for cuda._CupyRuntime: numpy arrays, kernels run by the host-compiled library."""
+
+    xp = np
+
+    def __init__(self, lib, block):
+        self.lib = lib
+        self.block = block
+        self.launches = []
+
+    def launch(self, name, grid, block, args, shared_mem=0):
+        sig = self.lib.rg_emu_signature(name.encode())
+        assert sig is not None, f"unknown kernel {name}"
+        sig = sig.decode()
+        assert len(sig) == len(args), f"{name}: {len(args)} arguments for a signature of {len(sig)}"
+        if name == "residual_select_tile":
+            assert block == self.block == cuda_backend.SELECT_BLOCK, "block size must match -DRG_SELECT_BLOCK"
+        assert 1 <= grid < 2**31 and 1 <= block <= 1024
+        assert 0 <= shared_mem and shared_mem + 3 * 8 * self.block + 64 <= _SHARED_LIMIT
+        holders = []
+        for pos, (code, arg) in enumerate(zip(sig, args)):
+            if code in _DTYPE_OF:
+                assert isinstance(arg, np.ndarray), f"{name} argument {pos}: expected an array, got {type(arg)}"
+                assert arg.dtype == _DTYPE_OF[code], f"{name} argument {pos}: dtype {arg.dtype} for C code {code}"
+                assert arg.flags.c_contiguous, f"{name} argument {pos}: not contiguous"
+                holders.append(ctypes.c_void_p(arg.ctypes.data))
+            else:
+                dtype, ctype = _SCALAR_OF[code]
+                assert type(arg) is dtype, f"{name} argument {pos}: {type(arg).__name__} for C code {code}"
+                holders.append(ctype(arg.item()))
+        argv = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
+        self.launches.append((name, grid, block, shared_mem))
+        assert self.lib.rg_emu_launch(name.encode(), grid, block, shared_mem, argv) == 0
+
+    @staticmethod
+    def asnumpy(a):
+        return np.array(a)
+
+
+def _compiler():
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="session")
+def emulation_library(tmp_path_factory):
+    """build(block) -> ctypes library of kernels/residual_select.cu compiled for the host."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++/clang++) to emulate the CUDA kernels")
+    folder = tmp_path_factory.mktemp("cuda_emulation")
+    (folder / "emulation.cpp").write_text(_EMULATION_HEADER)
+    built = {}
+
+    def build(block):
+        if block not in built:
+            out = folder / f"residual_select_{block}.so"
+            cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
+                   "-Wno-unused-function", f"-DRG_SELECT_BLOCK={block}", f"-I{ROOT / 'kernels'}",
+                   str(folder / "emulation.cpp"), "-o", str(out)]
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+            if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
+                pytest.skip(f"{cxx} has no C++20 <barrier>")
+            assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
+            lib = ctypes.CDLL(str(out))
+            lib.rg_emu_signature.restype = ctypes.c_char_p
+            lib.rg_emu_signature.argtypes = [ctypes.c_char_p]
+            lib.rg_emu_launch.restype = ctypes.c_int
+            lib.rg_emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_size_t,
+                                          ctypes.POINTER(ctypes.c_void_p)]
+            built[block] = lib
+        return built[block]
+
+    return build
+
+
+@pytest.fixture
+def emulated(monkeypatch, emulation_library):
+    """backend="cuda" runs on the emulated device (small blocks, so chunks are crossed often)."""
+    block = 32
+    monkeypatch.setattr(cuda_backend, "SELECT_BLOCK", block)
+    monkeypatch.setattr(cuda_backend, "DENSE_BLOCK", 64)
+    runtime = _EmulatedRuntime(emulation_library(block), block)
+    monkeypatch.setattr(cuda_backend, "_runtime", lambda: runtime)
+    monkeypatch.setattr(CudaBackend, "availability", classmethod(lambda cls: (True, "emulated on the host")))
+    return runtime
+
+
+def check(problem, k, backend="cuda", queries=None, query_coords=None, predecessor=False):
+    """backend == reference (indices, distances to 1e-12) and == backend "cpu" (identical)."""
+    index = rg.ResidualIndex(problem, backend=backend)
+    assert index.backend == backend
+    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
+    assert res.telemetry.backend == backend
+    if query_coords is not None:
+        xq, vq, pq = problem.factors_at(query_coords)
+        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
+                                  query_coords=xq, query_v=vq, query_p=pq)
+    else:
+        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
+                                  queries=queries, predecessor=predecessor)
+    assert_knn_equal(*ref, res.indices, res.distances, reference_distance_rows(problem, queries, query_coords))
+    cpu = rg.ResidualIndex(problem, backend="cpu").query(k, queries=queries, query_coords=query_coords,
+                                                         predecessor=predecessor)
+    np.testing.assert_array_equal(res.indices, cpu.indices)
+    np.testing.assert_allclose(res.distances, cpu.distances, rtol=0, atol=1e-12)
+    assert res.telemetry.distance_evaluations == cpu.telemetry.distance_evaluations
+    return res
+
+
+def run_query_kinds(problem, d, ks=(1, 7, 40)):
+    for k in ks:
+        check(problem, k)
+        check(problem, k, predecessor=True)
+    queries = np.random.default_rng(11).integers(0, problem.n, 40)
+    check(problem, 9, queries=queries)
+    res = check(problem, 9, queries=queries, predecessor=True)
+    small = queries < 9
+    assert np.all((res.indices[small] >= 0).sum(axis=1) == queries[small])
+    xnew = np.random.default_rng(21).random((30, d))
+    xnew[:3] = problem.coords[:3]
+    check(problem, 11, query_coords=xnew)
+    check(problem, problem.n, query_coords=xnew)  # every point
+
+
+def compare_select_with_cpu(problem, predecessor, keeps=(1, 5, 33, 149)):
+    """Kept sets equal as sets (no ties here), a_dropped equal to cpu's, -1 padding, evaluations."""
+    index = rg.ResidualIndex(problem, backend="cpu")
+    batch = index._batch(np.array([0, 1, 2, 30, problem.n - 1, problem.n - 1, 75]), None, predecessor)
+    for keep in keeps:
+        cpu_be, fast_be = get_backend("cpu"), get_backend("cuda")
+        cpu = cpu_be.select_candidates(cpu_be.prepare(problem), batch, keep)
+        fast = fast_be.select_candidates(fast_be.prepare(problem), batch, keep)
+        assert fast.index.shape == (batch.size, keep) and fast.index.dtype == np.int64
+        assert fast.abs_rho.dtype == np.float64 and fast.a_dropped.shape == (batch.size,)
+        assert fast.evaluations == cpu.evaluations
+        for r in range(batch.size):
+            kept = fast.index[r] >= 0
+            assert np.all(kept[: kept.sum()]), "kept candidates must be a prefix"
+            assert np.all(fast.abs_rho[r, ~kept] == -1.0)
+            assert set(fast.index[r, kept]) == set(cpu.index[r][cpu.index[r] >= 0])
+            assert batch.self_index[r] not in set(fast.index[r])
+            assert np.all(fast.index[r, kept] < batch.limit[r])
+            np.testing.assert_allclose(np.sort(fast.abs_rho[r, kept]), np.sort(cpu.abs_rho[r][cpu.index[r] >= 0]),
+                                       rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fast.a_dropped, cpu.a_dropped, rtol=0, atol=1e-12)
+        assert np.array_equal(fast.a_dropped < 0, cpu.a_dropped < 0)
+
+
+def compare_abs_rho_tile_with_cpu():
+    x = np.random.default_rng(9).random((300, 3))
+    u = np.random.default_rng(10).random((20, 3))  # off the data: p is a sizeable share of the variance
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3, variance=1.3), inducing=u)
+    batch = rg.ResidualIndex(problem, backend="cpu")._batch(np.arange(0, 300, 7), None, False)
+    cols = np.random.default_rng(1).permutation(300)[:111]
+    out = []
+    for name in ("cpu", "cuda"):
+        backend = get_backend(name)
+        out.append(backend.abs_rho_tile(backend.prepare(problem), batch, cols))
+    cpu, fast = out
+    assert fast.shape == (batch.size, cols.size) and fast.dtype == np.float64
+    np.testing.assert_allclose(fast, cpu, rtol=0, atol=1e-12)
+    backend = get_backend("cuda")
+    assert backend.abs_rho_tile(backend.prepare(problem), batch, np.array([], dtype=np.int64)).shape == (batch.size, 0)
+
+
+@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
+def test_emulated_every_query_kind(emulated, d, kernel, ls, m):
+    problem = make_problem(1, 180, d, kernel(lengthscale=ls, variance=1.7), m)
+    run_query_kinds(problem, d, ks=(1, 7, 40) if d == 1 else (7,))  # emulated threads are slow
+    assert {name for name, *_ in emulated.launches} == {"residual_select_tile"}
+
+
+def test_emulated_duplicates_ties_and_retries(emulated, monkeypatch):
+    problem = make_problem(4, 160, 2, rg.Matern12(lengthscale=0.2), 20, duplicates=60)
+    check(problem, 12)
+    check(problem, 12, predecessor=True)
+    x = np.random.default_rng(5).random((120, 2))
+    x[40:90] = x[40]
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3), inducing=15)
+    res = check(problem, 10)
+    assert res.telemetry.recertified_queries > 0
+    monkeypatch.setattr(search, "initial_keep", lambda k: k)
+    check(problem, 10, predecessor=True)
+
+
+def test_emulated_tiny_residual_variance(emulated):
+    x = np.random.default_rng(42).normal(size=(400, 3))
+    u = x[np.sort(np.random.default_rng(0).choice(400, 200, replace=False))]
+    problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
+    assert np.median(problem.p) < 1e-5
+    queries = np.random.default_rng(43).integers(0, 400, 64)
+    check(problem, 20, queries=queries)
+    check(problem, 20, queries=queries, predecessor=True)
+
+
+def test_emulated_tiling_and_global_heap(emulated, monkeypatch):
+    """Tiny query/candidate tiles and the heap kept in global memory instead of shared."""
+    monkeypatch.setattr(cuda_backend, "QUERY_TILE", 7)
+    monkeypatch.setattr(cuda_backend, "TILE_ELEMENTS", 7 * 64)  # 64 candidates per tile: two chunks of 32
+    monkeypatch.setattr(search, "QUERY_CHUNK", 19)
+    problem = make_problem(6, 130, 2, rg.Matern32(lengthscale=0.15), 14, duplicates=10)
+    check(problem, 6)
+    check(problem, 6, predecessor=True)
+    check(problem, 6, queries=np.array([129, 0, 5, 5, 77]))
+    monkeypatch.setattr(cuda_backend, "SHARED_HEAP_MAX_KEEP", 0)
+    check(problem, 6)
+    assert any(shared == 0 for name, _, _, shared in emulated.launches if name == "residual_select_tile")
+
+
+@pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
+def test_emulated_select_candidates_matches_cpu(emulated, predecessor):
+    problem = make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20)
+    compare_select_with_cpu(problem, predecessor)
+
+
+def test_emulated_abs_rho_tile_matches_cpu(emulated):
+    compare_abs_rho_tile_with_cpu()
+
+
+def test_emulated_keep_zero_and_no_candidates(emulated):
+    """keep = 0 keeps nothing and drops everything; queries with limit 0 evaluate nothing."""
+    problem = make_problem(2, 50, 2, rg.RBF(lengthscale=0.3), 6)
+    backend = get_backend("cuda")
+    prepared = backend.prepare(problem)
+    batch = rg.ResidualIndex(problem, backend="cpu")._batch(np.array([0, 0, 10]), None, True)
+    cand = backend.select_candidates(prepared, batch, 0)
+    assert cand.index.shape == (3, 0) and cand.evaluations == 10  # query 10: j < 10, itself excluded by limit
+    np.testing.assert_array_equal(cand.a_dropped[:2], [-1.0, -1.0])
+    cpu = get_backend("cpu")
+    full = cpu.abs_rho_tile(cpu.prepare(problem), batch.take(np.array([2])), np.arange(10))
+    np.testing.assert_allclose(cand.a_dropped[2], full.max(), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# On a real GPU (pytest -m gpu)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cuda_device(monkeypatch):
+    usable, reason = CudaBackend.availability()
+    if not usable:
+        pytest.skip(f"backend 'cuda' unavailable: {reason}")
+    return reason
+
+
+@pytest.mark.gpu
+def test_gpu_availability_names_the_device(cuda_device):
+    assert cuda_device.startswith("CuPy ") and " on " in cuda_device
+    assert get_backend("cuda").name == "cuda"
+    assert reg.resolve_backend_name("auto") == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
+def test_gpu_every_query_kind(cuda_device, d, kernel, ls, m):
+    problem = make_problem(1, 180, d, kernel(lengthscale=ls, variance=1.7), m)
+    run_query_kinds(problem, d)
+
+
+@pytest.mark.gpu
+def test_gpu_duplicates_ties_and_retries(cuda_device, monkeypatch):
+    for kernel in (rg.Matern12, rg.Matern32, rg.Matern52, rg.RBF):
+        problem = make_problem(4, 160, 2, kernel(lengthscale=0.2), 20, duplicates=60)
+        check(problem, 12)
+        check(problem, 12, predecessor=True)
+    x = np.random.default_rng(5).random((120, 2))
+    x[40:90] = x[40]
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3), inducing=15)
+    assert check(problem, 10).telemetry.recertified_queries > 0
+    monkeypatch.setattr(search, "initial_keep", lambda k: k)
+    check(problem, 10, predecessor=True)
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_residual_variance(cuda_device):
+    x = np.random.default_rng(42).normal(size=(400, 3))
+    u = x[np.sort(np.random.default_rng(0).choice(400, 200, replace=False))]
+    problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
+    queries = np.random.default_rng(43).integers(0, 400, 64)
+    check(problem, 20, queries=queries)
+    check(problem, 20, queries=queries, predecessor=True)
+
+
+@pytest.mark.gpu
+def test_gpu_tiling_and_global_heap(cuda_device, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "QUERY_TILE", 7)
+    monkeypatch.setattr(cuda_backend, "TILE_ELEMENTS", 7 * 512)  # 512 candidates per tile: 2 chunks
+    monkeypatch.setattr(search, "QUERY_CHUNK", 19)
+    problem = make_problem(6, 1300, 2, rg.Matern32(lengthscale=0.15), 14, duplicates=10)
+    check(problem, 6)
+    check(problem, 6, predecessor=True)
+    monkeypatch.setattr(cuda_backend, "SHARED_HEAP_MAX_KEEP", 0)
+    check(problem, 6, queries=np.array([1299, 0, 5, 5, 77]))
+
+
+@pytest.mark.gpu
+def test_gpu_larger_problem(cuda_device):
+    """Several candidate tiles per query tile with the default sizes."""
+    x = np.random.default_rng(3).random((20000, 3))
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.1), inducing=64)
+    queries = np.random.default_rng(4).integers(0, 20000, 300)
+    for predecessor in (False, True):
+        res = rg.ResidualIndex(problem, backend="cuda").query(30, queries=queries, predecessor=predecessor)
+        cpu = rg.ResidualIndex(problem, backend="cpu").query(30, queries=queries, predecessor=predecessor)
+        np.testing.assert_array_equal(res.indices, cpu.indices)
+        np.testing.assert_allclose(res.distances, cpu.distances, rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
+def test_gpu_select_candidates_matches_cpu(cuda_device, predecessor):
+    compare_select_with_cpu(make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20), predecessor,
+                            keeps=(1, 5, 33, 149))
+
+
+@pytest.mark.gpu
+def test_gpu_abs_rho_tile_matches_cpu(cuda_device):
+    compare_abs_rho_tile_with_cpu()

@@ -1,0 +1,209 @@
+"""The JAX backend: same exact results as backend="cpu" and the float64 reference.
+
+Skipped when JAX is not importable. JAX compiles once per shape, so the tests share a few
+problem shapes (one problem per kernel case, every query kind on it) to stay fast.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="JAX is not installed (pip install 'residual-gpu[jax]')")
+
+import residual_gpu as rg  # noqa: E402
+import residual_gpu.backends.jax as jax_backend  # noqa: E402
+from residual_gpu import search  # noqa: E402
+from residual_gpu.backends import get_backend  # noqa: E402
+from residual_gpu.precision import query_margins  # noqa: E402
+from residual_gpu.reference import brute_knn_reference  # noqa: E402
+
+from conftest import assert_knn_equal, make_problem, reference_distance_rows  # noqa: E402
+
+BACKEND = "jax"
+
+CASES = [  # (d, kernel, lengthscale, m), as tests/test_brute.py
+    (1, rg.Matern12, 0.2, 12),
+    (2, rg.Matern52, 0.1, 30),
+    (3, rg.RBF, 0.5, 40),
+    (8, rg.Matern32, np.linspace(0.6, 1.6, 8), 25),  # ARD
+]
+CASE_IDS = [f"d{c[0]}-{c[1].__name__}" for c in CASES]
+
+
+def check(problem, k, backend=BACKEND, queries=None, query_coords=None, predecessor=False):
+    """backend == reference (indices, distances to 1e-12) and == backend "cpu" (identical)."""
+    index = rg.ResidualIndex(problem, backend=backend)
+    assert index.backend == backend
+    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
+    assert res.telemetry.backend == backend
+    if query_coords is not None:
+        xq, vq, pq = problem.factors_at(query_coords)
+        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
+                                  query_coords=xq, query_v=vq, query_p=pq)
+    else:
+        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
+                                  queries=queries, predecessor=predecessor)
+    assert_knn_equal(*ref, res.indices, res.distances, reference_distance_rows(problem, queries, query_coords))
+    cpu = rg.ResidualIndex(problem, backend="cpu").query(k, queries=queries, query_coords=query_coords,
+                                                         predecessor=predecessor)
+    np.testing.assert_array_equal(res.indices, cpu.indices)
+    np.testing.assert_allclose(res.distances, cpu.distances, rtol=0, atol=1e-12)
+    assert res.telemetry.distance_evaluations == cpu.telemetry.distance_evaluations
+    return res
+
+
+@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
+def test_every_query_kind(d, kernel, ls, m):
+    """All points (plain, predecessor), indices with repeats, new locations: one problem per case."""
+    problem = make_problem(1, 180, d, kernel(lengthscale=ls, variance=1.7), m)
+    for k in (1, 7, 40):
+        check(problem, k)
+        check(problem, k, predecessor=True)
+    queries = np.random.default_rng(11).integers(0, 180, 40)
+    check(problem, 9, queries=queries)
+    res = check(problem, 9, queries=queries, predecessor=True)
+    small = queries < 9
+    assert np.all((res.indices[small] >= 0).sum(axis=1) == queries[small])
+    xnew = np.random.default_rng(21).random((30, d))
+    xnew[:3] = problem.coords[:3]
+    check(problem, 11, query_coords=xnew)
+    check(problem, 180, query_coords=xnew)  # every point
+
+
+def test_k_up_to_admissible_maximum():
+    problem = make_problem(3, 60, 2, rg.Matern32(lengthscale=0.3), 10)
+    check(problem, 1)
+    check(problem, 59)
+    check(problem, 1, predecessor=True)
+    res = check(problem, 59, predecessor=True)  # row i has only i predecessors: padded
+    assert np.all((res.indices >= 0).sum(axis=1) == np.arange(60))
+
+
+@pytest.mark.parametrize("kernel", [rg.Matern12, rg.RBF], ids=lambda c: c.__name__)
+def test_duplicated_points_tie_by_index(kernel):
+    problem = make_problem(4, 160, 2, kernel(lengthscale=0.2), 20, duplicates=60)
+    check(problem, 12)
+    check(problem, 12, predecessor=True)
+
+
+def test_many_exact_ties_force_retries(monkeypatch):
+    x = np.random.default_rng(5).random((120, 2))
+    x[40:90] = x[40]
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3), inducing=15)
+    res = check(problem, 10)
+    assert res.telemetry.recertified_queries > 0
+    monkeypatch.setattr(search, "initial_keep", lambda k: k)  # no slack: near-ties are searched again
+    check(problem, 10, predecessor=True)
+
+
+def test_tiny_residual_variance():
+    """The gold regime: inducing points are data points, p ~ 1e-6, heavy cancellation."""
+    x = np.random.default_rng(42).normal(size=(400, 3))
+    u = x[np.sort(np.random.default_rng(0).choice(400, 200, replace=False))]
+    problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
+    assert np.median(problem.p) < 1e-5
+    queries = np.random.default_rng(43).integers(0, 400, 64)
+    check(problem, 20, queries=queries)
+    check(problem, 20, queries=queries, predecessor=True)
+
+
+def test_tiling_boundaries(monkeypatch):
+    """Small query and candidate tiles: padding, masking and the loop over tiles are crossed."""
+    monkeypatch.setattr(jax_backend, "QUERY_TILE", 8)
+    monkeypatch.setattr(jax_backend, "SMALL_QUERY_TILE", 4)
+    monkeypatch.setattr(jax_backend, "CANDIDATE_TILE", 16)
+    monkeypatch.setattr(search, "QUERY_CHUNK", 19)
+    problem = make_problem(6, 130, 2, rg.Matern32(lengthscale=0.15), 14, duplicates=10)
+    check(problem, 6)
+    check(problem, 6, predecessor=True)
+    check(problem, 6, queries=np.array([129, 0, 5, 5, 77]))
+
+
+def _select_both(problem, batch, keep):
+    out = []
+    for name in ("cpu", BACKEND):
+        backend = get_backend(name)
+        out.append(backend.select_candidates(backend.prepare(problem), batch, keep))
+    return out
+
+
+@pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
+def test_select_candidates_matches_cpu(predecessor):
+    """Kept sets equal as sets (no ties here), a_dropped exactly the cpu's, -1 padding, evaluations."""
+    problem = make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20)
+    index = rg.ResidualIndex(problem, backend="cpu")
+    batch = index._batch(np.array([0, 1, 2, 30, 149, 149, 75]), None, predecessor)
+    for keep in (1, 5, 33, 149):
+        cpu, fast = _select_both(problem, batch, keep)
+        assert fast.index.shape == (batch.size, keep) and fast.index.dtype == np.int64
+        assert fast.abs_rho.dtype == np.float64 and fast.a_dropped.shape == (batch.size,)
+        assert fast.evaluations == cpu.evaluations
+        for r in range(batch.size):
+            kept = fast.index[r] >= 0
+            assert np.all(kept[: kept.sum()]), "kept candidates must be a prefix"
+            assert np.all(fast.abs_rho[r, ~kept] == -1.0)
+            assert set(fast.index[r, kept]) == set(cpu.index[r][cpu.index[r] >= 0])
+            assert batch.self_index[r] not in set(fast.index[r])
+            assert np.all(fast.index[r, kept] < batch.limit[r])
+            np.testing.assert_allclose(np.sort(fast.abs_rho[r, kept]), np.sort(cpu.abs_rho[r][cpu.index[r] >= 0]),
+                                       rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fast.a_dropped, cpu.a_dropped, rtol=0, atol=1e-12)
+        assert np.array_equal(fast.a_dropped < 0, cpu.a_dropped < 0)
+
+
+@pytest.mark.parametrize("tiny_p", [False, True], ids=["moderate-p", "tiny-p"])
+def test_abs_rho_tile_matches_cpu(tiny_p):
+    if tiny_p:
+        x = np.random.default_rng(42).normal(size=(300, 3))
+        problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=x[::2])
+    else:  # inducing points off the data: every p is a sizeable share of the variance
+        x = np.random.default_rng(9).random((300, 3))
+        u = np.random.default_rng(10).random((20, 3))
+        problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3, variance=1.3), inducing=u)
+    index = rg.ResidualIndex(problem, backend="cpu")
+    batch = index._batch(np.arange(0, 300, 7), None, False)
+    cols = np.random.default_rng(1).permutation(300)[:111]
+    out = []
+    for name in ("cpu", BACKEND):
+        backend = get_backend(name)
+        out.append(backend.abs_rho_tile(backend.prepare(problem), batch, cols))
+    cpu, fast = out
+    assert fast.shape == (batch.size, cols.size) and fast.dtype == np.float64
+    assert np.all((fast >= 0) & (fast <= 1))
+    # A few ulp of the kernel value, amplified by 1 / sqrt(p_q p_c): 1e-12 on that scale ...
+    scale = problem.kernel.variance * np.outer(1 / np.sqrt(batch.p), 1 / np.sqrt(problem.p[cols]))
+    assert np.all(np.abs(fast - cpu) <= 1e-12 * np.maximum(scale, 1.0))
+    if not tiny_p:
+        np.testing.assert_allclose(fast, cpu, rtol=0, atol=1e-12)
+    # ... and well within the certification margin of both fast paths.
+    ip = 1 / np.sqrt(problem.p)
+    margin = query_margins(batch.v_norms, batch.p, float(np.max(problem.v_norms * ip)), float(np.max(ip)),
+                           problem.m, problem.d, problem.kernel.variance)
+    assert np.all(np.abs(fast - cpu) <= 2 * margin[:, None])
+    backend = get_backend(BACKEND)
+    assert backend.abs_rho_tile(backend.prepare(problem), batch, np.array([], dtype=np.int64)).shape == (batch.size, 0)
+
+
+def test_availability_names_jax_and_device():
+    usable, reason = jax_backend.JaxBackend.availability()
+    assert usable
+    assert "JAX" in reason and str(jax.devices()[0]) in reason
+    assert rg.available_backends()["jax"] == (usable, reason)
+    index = rg.ResidualIndex(make_problem(0, 50, 2, rg.RBF(lengthscale=0.3), 5), backend="jax")
+    assert index.backend == "jax"
+
+
+def test_x64_flag_of_the_caller_is_left_alone():
+    before = bool(jax.config.jax_enable_x64)
+    check(make_problem(2, 64, 2, rg.Matern12(lengthscale=0.2), 8), 5)
+    assert bool(jax.config.jax_enable_x64) == before
+
+
+def test_importing_residual_gpu_imports_no_jax_or_cupy():
+    code = ("import sys, residual_gpu as rg; rg.available_backends; "
+            "assert 'jax' not in sys.modules and 'cupy' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
