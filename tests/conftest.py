@@ -6,9 +6,22 @@ import numpy as np
 import pytest
 
 import residual_gpu as rg
-from residual_gpu.reference import distance_from_rho, residual_distance_reference, residual_rho_block
+from residual_gpu.reference import (
+    brute_knn_reference,
+    distance_from_rho,
+    residual_distance_reference,
+    residual_rho_block,
+)
 
 KERNEL_CLASSES = [rg.RBF, rg.Matern12, rg.Matern32, rg.Matern52]
+#: randomised problem shapes every backend is checked on: (d, kernel, lengthscale, m)
+CASES = [
+    (1, rg.Matern12, 0.2, 12),
+    (2, rg.Matern52, 0.1, 30),
+    (3, rg.RBF, 0.5, 40),
+    (8, rg.Matern32, np.linspace(0.6, 1.6, 8), 25),  # ARD
+]
+CASE_IDS = [f"d{c[0]}-{c[1].__name__}" for c in CASES]
 #: reference and engines may differ by a few ulp (numpy's exp vs libm's)
 DIST_ATOL = 1e-12
 
@@ -66,3 +79,27 @@ def make_problem(seed: int, n: int, d: int, kernel, m: int, duplicates: int = 0,
 @pytest.fixture(params=[0, 1, 2], ids=lambda s: f"seed{s}")
 def seed(request):
     return request.param
+
+
+def check_knn(problem, k, *, backend="cpu", queries=None, query_coords=None, predecessor=False):
+    """Query through ``backend`` and compare with the reference; other backends must also
+    equal "cpu" (identical indices, distances to 1e-12, same evaluation count)."""
+    index = rg.ResidualIndex(problem, backend=backend, method="brute")
+    assert index.backend == backend
+    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
+    assert res.telemetry.backend == backend
+    if query_coords is not None:
+        xq, vq, pq = problem.factors_at(query_coords)
+        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
+                                  query_coords=xq, query_v=vq, query_p=pq)
+    else:
+        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
+                                  queries=queries, predecessor=predecessor)
+    assert_knn_equal(*ref, res.indices, res.distances, reference_distance_rows(problem, queries, query_coords))
+    if backend != "cpu":
+        cpu = rg.ResidualIndex(problem, backend="cpu", method="brute").query(
+            k, queries=queries, query_coords=query_coords, predecessor=predecessor)
+        np.testing.assert_array_equal(res.indices, cpu.indices)
+        np.testing.assert_allclose(res.distances, cpu.distances, rtol=0, atol=1e-12)
+        assert res.telemetry.distance_evaluations == cpu.telemetry.distance_evaluations
+    return res

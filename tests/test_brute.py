@@ -4,79 +4,57 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import KERNEL_CLASSES, assert_knn_equal, make_problem, reference_distance_rows
+from conftest import CASE_IDS, CASES, KERNEL_CLASSES, check_knn, make_problem
 
 import residual_gpu as rg
 import residual_gpu.backends.cpu as cpu_backend
 from residual_gpu import search
-from residual_gpu.reference import brute_knn_reference
-
-CASES = [  # (d, kernel, lengthscale, m)
-    (1, rg.Matern12, 0.2, 12),
-    (2, rg.Matern52, 0.1, 30),
-    (3, rg.RBF, 0.5, 40),
-    (8, rg.Matern32, np.linspace(0.6, 1.6, 8), 25),  # ARD
-]
 
 
-def check(problem, k, queries=None, query_coords=None, predecessor=False, backend="cpu"):
-    index = rg.ResidualIndex(problem, backend=backend)
-    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
-    if query_coords is not None:
-        xq, vq, pq = problem.factors_at(query_coords)
-        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
-                                  query_coords=xq, query_v=vq, query_p=pq)
-    else:
-        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
-                                  queries=queries, predecessor=predecessor)
-    assert_knn_equal(*ref, res.indices, res.distances, reference_distance_rows(problem, queries, query_coords))
-    return res
-
-
-@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=[f"d{c[0]}-{c[1].__name__}" for c in CASES])
+@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
 def test_all_points(seed, d, kernel, ls, m, predecessor):
     problem = make_problem(seed, 180, d, kernel(lengthscale=ls, variance=1.7), m)
     for k in (1, 7, 40):
-        check(problem, k, predecessor=predecessor)
+        check_knn(problem, k, predecessor=predecessor)
 
 
-@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=[f"d{c[0]}-{c[1].__name__}" for c in CASES])
+@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
 def test_query_indices_with_repeats(seed, d, kernel, ls, m):
     problem = make_problem(seed, 150, d, kernel(lengthscale=ls), m)
     queries = np.random.default_rng(seed + 10).integers(0, 150, 40)
-    check(problem, 9, queries=queries)
-    res = check(problem, 9, queries=queries, predecessor=True)
+    check_knn(problem, 9, queries=queries)
+    res = check_knn(problem, 9, queries=queries, predecessor=True)
     # padded rows: query i has only i predecessors
     small = queries < 9
     assert np.all((res.indices[small] >= 0).sum(axis=1) == queries[small])
 
 
-@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=[f"d{c[0]}-{c[1].__name__}" for c in CASES])
+@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
 def test_query_coords(seed, d, kernel, ls, m):
     problem = make_problem(seed, 150, d, kernel(lengthscale=ls), m)
     rng = np.random.default_rng(seed + 20)
     xnew = rng.random((30, d))
     xnew[:3] = problem.coords[:3]  # new locations on top of data points
-    check(problem, 11, query_coords=xnew)
-    check(problem, 150, query_coords=xnew)  # every point
+    check_knn(problem, 11, query_coords=xnew)
+    check_knn(problem, 150, query_coords=xnew)  # every point
 
 
 @pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
 def test_k_up_to_admissible_maximum(predecessor):
     problem = make_problem(3, 60, 2, rg.Matern32(lengthscale=0.3), 10)
     for k in (1, 2, 30, 58, 59):
-        check(problem, k, predecessor=predecessor)
+        check_knn(problem, k, predecessor=predecessor)
     if predecessor:
-        res = check(problem, 59, predecessor=True)  # early rows have fewer: padded
+        res = check_knn(problem, 59, predecessor=True)  # early rows have fewer: padded
         assert np.all((res.indices >= 0).sum(axis=1) == np.arange(60))
 
 
 @pytest.mark.parametrize("kernel", KERNEL_CLASSES, ids=lambda c: c.__name__)
 def test_duplicated_points_tie_by_index(kernel):
     problem = make_problem(4, 160, 2, kernel(lengthscale=0.2), 20, duplicates=60)
-    res = check(problem, 12)
-    check(problem, 12, predecessor=True)
+    res = check_knn(problem, 12)
+    check_knn(problem, 12, predecessor=True)
     # exact duplicates are at distance 0 from each other, listed by index
     x = problem.coords
     for i in range(problem.n):
@@ -92,16 +70,16 @@ def test_many_exact_ties_force_retries(monkeypatch):
     x = np.random.default_rng(5).random((120, 2))
     x[40:90] = x[40]
     problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3), inducing=15)
-    res = check(problem, 10)
+    res = check_knn(problem, 10)
     assert res.telemetry.recertified_queries > 0
     monkeypatch.setattr(search, "CANDIDATE_SLOTS", 64)  # retries go a few queries at a time
-    check(problem, 10, predecessor=True)
+    check_knn(problem, 10, predecessor=True)
 
 
 def test_clustered_data(seed):
     problem = make_problem(seed, 200, 3, rg.Matern52(lengthscale=0.05), 16, clustered=True)
-    check(problem, 15)
-    check(problem, 15, predecessor=True)
+    check_knn(problem, 15)
+    check_knn(problem, 15, predecessor=True)
 
 
 def test_tiny_residual_variance():
@@ -111,8 +89,8 @@ def test_tiny_residual_variance():
     problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
     assert np.median(problem.p) < 1e-5
     queries = np.random.default_rng(43).integers(0, 400, 64)
-    check(problem, 20, queries=queries)
-    check(problem, 20, queries=queries, predecessor=True)
+    check_knn(problem, 20, queries=queries)
+    check_knn(problem, 20, queries=queries, predecessor=True)
 
 
 def test_tiling_and_chunking(monkeypatch):
@@ -121,18 +99,18 @@ def test_tiling_and_chunking(monkeypatch):
     monkeypatch.setattr(cpu_backend, "CANDIDATE_TILE", 13)
     monkeypatch.setattr(search, "QUERY_CHUNK", 19)
     problem = make_problem(6, 130, 2, rg.Matern32(lengthscale=0.15), 14, duplicates=10)
-    check(problem, 6)
-    check(problem, 6, predecessor=True)
-    check(problem, 6, queries=np.array([129, 0, 5, 5, 77]))
+    check_knn(problem, 6)
+    check_knn(problem, 6, predecessor=True)
+    check_knn(problem, 6, queries=np.array([129, 0, 5, 5, 77]))
 
 
 def test_minimal_keep_still_exact(monkeypatch):
     """With no slack kept, near-ties fail certification and are searched again."""
     monkeypatch.setattr(search, "initial_keep", lambda k: k)
     problem = make_problem(7, 150, 2, rg.Matern12(lengthscale=0.1), 12, duplicates=30)
-    res = check(problem, 5)
+    res = check_knn(problem, 5)
     assert res.telemetry.keep == 5
-    check(problem, 5, predecessor=True)
+    check_knn(problem, 5, predecessor=True)
 
 
 def test_inputs_unchanged_and_dtypes():

@@ -14,46 +14,20 @@ import pytest
 
 jax = pytest.importorskip("jax", reason="JAX is not installed (pip install 'residual-gpu[jax]')")
 
-import residual_gpu as rg  # noqa: E402
-import residual_gpu.backends.jax as jax_backend  # noqa: E402
-from residual_gpu import search  # noqa: E402
-from residual_gpu.backends import get_backend  # noqa: E402
-from residual_gpu.precision import query_margins  # noqa: E402
-from residual_gpu.reference import brute_knn_reference  # noqa: E402
+from conftest import CASE_IDS, CASES, check_knn, make_problem
 
-from conftest import assert_knn_equal, make_problem, reference_distance_rows  # noqa: E402
+import residual_gpu as rg
+import residual_gpu.backends.jax as jax_backend
+from residual_gpu import search
+from residual_gpu.backends import get_backend
+from residual_gpu.precision import query_margins
 
 BACKEND = "jax"
 
-CASES = [  # (d, kernel, lengthscale, m), as tests/test_brute.py
-    (1, rg.Matern12, 0.2, 12),
-    (2, rg.Matern52, 0.1, 30),
-    (3, rg.RBF, 0.5, 40),
-    (8, rg.Matern32, np.linspace(0.6, 1.6, 8), 25),  # ARD
-]
-CASE_IDS = [f"d{c[0]}-{c[1].__name__}" for c in CASES]
 
-
-def check(problem, k, backend=BACKEND, queries=None, query_coords=None, predecessor=False):
-    """backend == reference (indices, distances to 1e-12) and == backend "cpu" (identical)."""
-    index = rg.ResidualIndex(problem, backend=backend)
-    assert index.backend == backend
-    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
-    assert res.telemetry.backend == backend
-    if query_coords is not None:
-        xq, vq, pq = problem.factors_at(query_coords)
-        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
-                                  query_coords=xq, query_v=vq, query_p=pq)
-    else:
-        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
-                                  queries=queries, predecessor=predecessor)
-    assert_knn_equal(*ref, res.indices, res.distances, reference_distance_rows(problem, queries, query_coords))
-    cpu = rg.ResidualIndex(problem, backend="cpu").query(k, queries=queries, query_coords=query_coords,
-                                                         predecessor=predecessor)
-    np.testing.assert_array_equal(res.indices, cpu.indices)
-    np.testing.assert_allclose(res.distances, cpu.distances, rtol=0, atol=1e-12)
-    assert res.telemetry.distance_evaluations == cpu.telemetry.distance_evaluations
-    return res
+def check(problem, k, **kwargs):
+    """Results through this backend equal the reference and backend "cpu"."""
+    return check_knn(problem, k, backend=BACKEND, **kwargs)
 
 
 @pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
