@@ -76,6 +76,20 @@ def make_problem(seed: int, n: int, d: int, kernel, m: int, duplicates: int = 0,
     return rg.ResidualProblem(x, kernel=kernel, inducing=m, seed=seed)
 
 
+def _backend_param(name):
+    usable, reason = rg.available_backends()[name]
+    marks = [pytest.mark.skipif(not usable, reason=f"backend {name!r} unavailable: {reason}")]
+    if name == "cuda":
+        marks.append(pytest.mark.gpu)
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.fixture(params=[_backend_param(name) for name in rg.available_backends()])
+def backend(request):
+    """Every registered backend; the ones that cannot run here are skipped with the reason."""
+    return request.param
+
+
 @pytest.fixture(params=[0, 1, 2], ids=lambda s: f"seed{s}")
 def seed(request):
     return request.param

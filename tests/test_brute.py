@@ -1,4 +1,8 @@
-"""Exact brute force against the float64 reference, on randomised problems."""
+"""Exact brute force against the float64 reference, on randomised problems.
+
+The tests taking the ``backend`` fixture run on every backend that can run here; the
+JAX and CuPy modules add what is specific to them (tiling, device handling).
+"""
 
 from __future__ import annotations
 
@@ -41,20 +45,20 @@ def test_query_coords(seed, d, kernel, ls, m):
 
 
 @pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
-def test_k_up_to_admissible_maximum(predecessor):
+def test_k_up_to_admissible_maximum(predecessor, backend):
     problem = make_problem(3, 60, 2, rg.Matern32(lengthscale=0.3), 10)
     for k in (1, 2, 30, 58, 59):
-        check_knn(problem, k, predecessor=predecessor)
+        check_knn(problem, k, predecessor=predecessor, backend=backend)
     if predecessor:
-        res = check_knn(problem, 59, predecessor=True)  # early rows have fewer: padded
+        res = check_knn(problem, 59, predecessor=True, backend=backend)  # early rows have fewer: padded
         assert np.all((res.indices >= 0).sum(axis=1) == np.arange(60))
 
 
 @pytest.mark.parametrize("kernel", KERNEL_CLASSES, ids=lambda c: c.__name__)
-def test_duplicated_points_tie_by_index(kernel):
+def test_duplicated_points_tie_by_index(kernel, backend):
     problem = make_problem(4, 160, 2, kernel(lengthscale=0.2), 20, duplicates=60)
-    res = check_knn(problem, 12)
-    check_knn(problem, 12, predecessor=True)
+    res = check_knn(problem, 12, backend=backend)
+    check_knn(problem, 12, predecessor=True, backend=backend)
     # exact duplicates are at distance 0 from each other, listed by index
     x = problem.coords
     for i in range(problem.n):
@@ -65,15 +69,15 @@ def test_duplicated_points_tie_by_index(kernel):
             assert np.all(res.distances[i, : twins.size] == 0.0)
 
 
-def test_many_exact_ties_force_retries(monkeypatch):
+def test_many_exact_ties_force_retries(monkeypatch, backend):
     """A point repeated 50 times: the tie group straddles k, certification must retry."""
     x = np.random.default_rng(5).random((120, 2))
     x[40:90] = x[40]
     problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3), inducing=15)
-    res = check_knn(problem, 10)
+    res = check_knn(problem, 10, backend=backend)
     assert res.telemetry.recertified_queries > 0
     monkeypatch.setattr(search, "CANDIDATE_SLOTS", 64)  # retries go a few queries at a time
-    check_knn(problem, 10, predecessor=True)
+    check_knn(problem, 10, predecessor=True, backend=backend)
 
 
 def test_clustered_data(seed):
@@ -82,15 +86,15 @@ def test_clustered_data(seed):
     check_knn(problem, 15, predecessor=True)
 
 
-def test_tiny_residual_variance():
+def test_tiny_residual_variance(backend):
     """The gold regime: inducing points are data points, p ~ 1e-6, heavy cancellation."""
     x = np.random.default_rng(42).normal(size=(400, 3))
     u = x[np.sort(np.random.default_rng(0).choice(400, 200, replace=False))]
     problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
     assert np.median(problem.p) < 1e-5
     queries = np.random.default_rng(43).integers(0, 400, 64)
-    check_knn(problem, 20, queries=queries)
-    check_knn(problem, 20, queries=queries, predecessor=True)
+    check_knn(problem, 20, queries=queries, backend=backend)
+    check_knn(problem, 20, queries=queries, predecessor=True, backend=backend)
 
 
 def test_tiling_and_chunking(monkeypatch):

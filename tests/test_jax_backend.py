@@ -48,43 +48,6 @@ def test_every_query_kind(d, kernel, ls, m):
     check(problem, 180, query_coords=xnew)  # every point
 
 
-def test_k_up_to_admissible_maximum():
-    problem = make_problem(3, 60, 2, rg.Matern32(lengthscale=0.3), 10)
-    check(problem, 1)
-    check(problem, 59)
-    check(problem, 1, predecessor=True)
-    res = check(problem, 59, predecessor=True)  # row i has only i predecessors: padded
-    assert np.all((res.indices >= 0).sum(axis=1) == np.arange(60))
-
-
-@pytest.mark.parametrize("kernel", [rg.Matern12, rg.RBF], ids=lambda c: c.__name__)
-def test_duplicated_points_tie_by_index(kernel):
-    problem = make_problem(4, 160, 2, kernel(lengthscale=0.2), 20, duplicates=60)
-    check(problem, 12)
-    check(problem, 12, predecessor=True)
-
-
-def test_many_exact_ties_force_retries(monkeypatch):
-    x = np.random.default_rng(5).random((120, 2))
-    x[40:90] = x[40]
-    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3), inducing=15)
-    res = check(problem, 10)
-    assert res.telemetry.recertified_queries > 0
-    monkeypatch.setattr(search, "initial_keep", lambda k: k)  # no slack: near-ties are searched again
-    check(problem, 10, predecessor=True)
-
-
-def test_tiny_residual_variance():
-    """The gold regime: inducing points are data points, p ~ 1e-6, heavy cancellation."""
-    x = np.random.default_rng(42).normal(size=(400, 3))
-    u = x[np.sort(np.random.default_rng(0).choice(400, 200, replace=False))]
-    problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
-    assert np.median(problem.p) < 1e-5
-    queries = np.random.default_rng(43).integers(0, 400, 64)
-    check(problem, 20, queries=queries)
-    check(problem, 20, queries=queries, predecessor=True)
-
-
 def test_tiling_boundaries(monkeypatch):
     """Small query and candidate tiles: padding, masking and the loop over tiles are crossed."""
     monkeypatch.setattr(jax_backend, "QUERY_TILE", 8)
