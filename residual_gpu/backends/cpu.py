@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, parallel_chunksize, prange
+from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
 from .._numba_math import _SQRT3, _SQRT5, exp_nonpositive_inplace
@@ -128,7 +128,12 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
     """
     q = qx.shape[0]
     keep = heap_a.shape[1]
-    for tile in prange((q + query_tile - 1) // query_tile):
+    n_tiles = (q + query_tile - 1) // query_tile
+    for t in prange(n_tiles):
+        # Queries come sorted by limit, so in predecessor mode tile cost grows with its
+        # position; pairing tiles from both ends (0, T-1, 1, T-2, ...) balances prange's
+        # contiguous per-thread blocks.
+        tile = t // 2 if t % 2 == 0 else n_tiles - 1 - t // 2
         r0 = tile * query_tile
         r1 = min(r0 + query_tile, q)
         stop = 0
@@ -210,8 +215,7 @@ class CpuBackend(Backend):
         evaluations = np.zeros(q, dtype=np.int64)
         # Parallelism is across query tiles, each with a single-threaded GEMM: BLAS threads
         # and Numba threads would otherwise take turns (and spin against each other).
-        # Tiles differ in cost in predecessor mode, hence dynamic scheduling (chunks of 1).
-        with threadpool_limits(1, user_api="blas"), parallel_chunksize(1):
+        with threadpool_limits(1, user_api="blas"):
             _select(prepared.kernel_id, prepared.variance, batch.coords, prepared.inv_scale,
                     1.0 / np.sqrt(batch.p), batch.self_index, batch.limit, batch.v, prepared.xt, prepared.v,
                     prepared.inv_sqrt_p, QUERY_TILE, CANDIDATE_TILE, heap_a, heap_i, count, a_dropped,
