@@ -28,6 +28,10 @@ def _median_seconds(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+#: most query rows of the GEMM yardstick actually multiplied (the time is scaled to all rows)
+GEMM_ROWS = 1024
+
+
 def gemm_seconds(q: int, n: int, m: int, repeats: int = 3) -> float:
     """Median time of one float64 (q, m) @ (m, n) product through numpy's BLAS."""
     rng = np.random.default_rng(0)
@@ -47,14 +51,20 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
     problem = ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
     problem_seconds = time.perf_counter() - t0
     q = case.n if case.queries is None else case.queries.size
-    gemm = gemm_seconds(q, case.n, problem.m, repeats)
+    # The yardstick is timed on at most GEMM_ROWS query rows (a q x n float64 product does not fit in
+    # memory at large n) and scaled to all q rows: GEMM time is linear in the rows.
+    gemm_rows = min(q, GEMM_ROWS)
+    gemm = gemm_seconds(gemm_rows, case.n, problem.m, repeats) * (q / gemm_rows)
     rows = []
+    all_ids = np.arange(case.n) if case.queries is None else case.queries
+    warm_ids = all_ids[np.linspace(0, all_ids.size - 1, min(all_ids.size, 256)).astype(np.int64)]
     for method in methods:
-        index = ResidualIndex(problem, backend=backend, method=method)
+        index = ResidualIndex(problem, backend=backend, method=method, progress=progress)
         for predecessor in case.modes:
-            def once():
-                return index.query(case.k, queries=case.queries, predecessor=predecessor, progress=progress)
-            once()  # warm-up: JIT compilation and caches are not timed
+            def once(ids=None):
+                return index.query(case.k, queries=case.queries if ids is None else ids, predecessor=predecessor,
+                                   progress=progress)
+            once(warm_ids)  # warm-up on a subset: JIT compilation and caches are not timed
             res = None
             times = []
             for _ in range(repeats):
@@ -67,8 +77,10 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
             pairs = sum(int(min(lim, case.n)) for lim in _limits(case, predecessor))
             gflops = 2.0 * evals * problem.m / seconds / 1e9
             gemm_gflops = 2.0 * q * case.n * problem.m / gemm / 1e9
+            work = evals + tel.bound_products
             rows.append({
-                "method": index.method, "backend": index.backend, "predecessor": predecessor,
+                "requested": method, "method": index.method, "backend": index.backend, "predecessor": predecessor,
+                "auto_reason": index.auto_reason,
                 "queries": q, "k": case.k, "query_seconds": seconds,
                 "queries_per_second": q / seconds,
                 "distance_evaluations": evals, "evaluations_per_query": evals / q,
@@ -77,11 +89,21 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
                 "recertified_queries": tel.recertified_queries,
                 "gflops": gflops, "gemm_gflops": gemm_gflops, "gemm_fraction": gflops / gemm_gflops,
                 "build_seconds": problem_seconds + index.build_seconds,
+                "index_build_seconds": index.build_seconds,
+                "index_build_phases": dict(index.build_seconds_by_phase),
+                "total_seconds": index.build_seconds + seconds,
+                "bound_products": tel.bound_products, "work_share": work / max(pairs, 1),
+                "nodes_visited": tel.nodes_visited, "prunes_bound": tel.prunes_bound,
+                "brute_queries": tel.brute_queries, "tree_nodes": tel.tree_nodes,
             })
+    for r in rows:  # end-to-end speed-up over brute force measured in this run, same mode
+        base = [b for b in rows if b["method"] == "brute" and b["requested"] == "brute"
+                and b["predecessor"] == r["predecessor"]]
+        r["speedup_vs_brute"] = base[0]["total_seconds"] / r["total_seconds"] if base else None
     return {
         "suite": case.name, "n": case.n, "d": problem.d, "m": problem.m, "k": case.k,
         "kernel": repr(case.kernel), "median_p": float(np.median(problem.p)),
-        "problem_seconds": problem_seconds, "gemm_seconds": gemm, "repeats": repeats,
+        "problem_seconds": problem_seconds, "gemm_seconds": gemm, "gemm_rows": gemm_rows, "repeats": repeats,
         "version": __version__, "machine": platform.machine(), "python": platform.python_version(),
         "blas": [{k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
                  for info in threadpool_info()],
@@ -100,16 +122,27 @@ def format_table(result: dict) -> str:
             f"kernel={result['kernel']} median_p={result['median_p']:.3g} "
             f"problem_build={result['problem_seconds']:.2f}s plain_gemm={result['gemm_seconds']:.3f}s "
             f"(median of {result['repeats']})")
-    cols = ["method", "backend", "predecessor", "build_s", "query_s", "queries/s", "evals/query",
-            "share", "GFLOP/s", "GEMM GFLOP/s", "of GEMM", "recert"]
+    cols = ["method", "backend", "predecessor", "build_s", "index_s", "query_s", "total_s", "vs brute",
+            "queries/s", "evals/query", "share", "work", "GFLOP/s", "GEMM GFLOP/s", "of GEMM", "recert"]
     lines = [head, " | ".join(cols)]
     for r in result["rows"]:
+        name = r["method"] if r.get("requested", r["method"]) == r["method"] else f"{r['requested']}->{r['method']}"
+        speed = r.get("speedup_vs_brute")
         lines.append(" | ".join([
-            r["method"], r["backend"], str(r["predecessor"]), f"{r['build_seconds']:.2f}",
-            f"{r['query_seconds']:.3f}", f"{r['queries_per_second']:.0f}", f"{r['evaluations_per_query']:.0f}",
-            f"{r['candidate_share']:.3f}", f"{r['gflops']:.1f}", f"{r['gemm_gflops']:.1f}",
+            name, r["backend"], str(r["predecessor"]), f"{r['build_seconds']:.2f}",
+            f"{r.get('index_build_seconds', 0.0):.2f}", f"{r['query_seconds']:.3f}",
+            f"{r.get('total_seconds', r['query_seconds']):.2f}", "-" if speed is None else f"{speed:.2f}x",
+            f"{r['queries_per_second']:.0f}", f"{r['evaluations_per_query']:.0f}",
+            f"{r['candidate_share']:.3f}", f"{r.get('work_share', r['candidate_share']):.3f}",
+            f"{r['gflops']:.1f}", f"{r['gemm_gflops']:.1f}",
             f"{r['gemm_fraction']:.0%}", str(r["recertified_queries"]),
         ]))
+    for r in result["rows"]:
+        if r.get("auto_reason"):
+            lines.append(f"auto (predecessor={r['predecessor']}): {r['auto_reason']}")
+    lines.append("build_s: problem + index; index_s: index only (backend prepare, tree); total_s = index_s + "
+                 "query_s; share: distance evaluations per admissible candidate; work: (evaluations + bound dot "
+                 "products) per admissible candidate")
     return "\n".join(lines)
 
 

@@ -80,9 +80,12 @@ def _load_array(path: str, name: str) -> np.ndarray:
               help="Restrict neighbours of point i to j < i (Vecchia ordering).")
 @click.option("--query-coords", type=str, default=None, help="New locations (.npy/.csv) to query instead.")
 @click.option("--backend", type=str, default="auto", show_default=True)
+@click.option("--method", type=click.Choice(["auto", "brute", "tree"]), default="auto", show_default=True,
+              help="Search method (auto: the documented rule, see docs/tree.md).")
+@click.option("--telemetry", "telemetry_path", type=str, default=None, help="Append telemetry as JSONL to this file.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, predecessor, query_coords,
-        backend, progress):
+        backend, method, telemetry_path, progress):
     """Neighbours of every point of COORDS (.npy or .csv), written to an .npz file."""
     from .index import ResidualIndex
     from .problem import ResidualProblem
@@ -96,9 +99,10 @@ def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, p
     try:
         kern = make_kernel(kernel, lengthscale=ls[0] if len(ls) == 1 else np.array(ls), variance=variance)
         problem = ResidualProblem(coords, kernel=kern, inducing=inducing, seed=seed)
-        index = ResidualIndex(problem, backend=backend)
+        index = ResidualIndex(problem, backend=backend, method=method, progress=progress)
         qc = None if query_coords is None else _load_array(query_coords, "--query-coords")
-        res = index.query(k, query_coords=qc, predecessor=predecessor, progress=progress)
+        res = index.query(k, query_coords=qc, predecessor=predecessor, progress=progress,
+                          telemetry_path=telemetry_path)
     except ResidualGPUError as exc:
         _fail(exc)
     with open(output, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare name
@@ -111,7 +115,7 @@ def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, p
 @click.option("--suite", type=click.Choice(sorted(SUITES)), default="smoke", show_default=True)
 @click.option("--n", type=int, default=None, help="Override the suite's number of points.")
 @click.option("--method", "methods", multiple=True, default=("brute",), show_default=True,
-              type=click.Choice(["brute"]), help="Search method(s) to run (repeatable).")
+              type=click.Choice(["brute", "tree", "auto"]), help="Search method(s) to run (repeatable).")
 @click.option("--backend", type=str, default="auto", show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repeats (median reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")

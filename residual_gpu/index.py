@@ -1,4 +1,12 @@
-"""Public search API: ResidualIndex, KnnResult and the one-call ``residual_knn``."""
+"""Public search API: ResidualIndex, KnnResult and the one-call ``residual_knn``.
+
+``method="auto"`` rule (docs/tree.md, "Choosing the method"): brute force when the backend
+is not the CPU (the tree's leaf blocks run on the host), when n < AUTO_MIN_N, when a tree over
+AUTO_PRECHECK_N sampled points spends at least AUTO_VACUOUS_SHARE of brute force's work (the
+bounds are vacuous, as on `gold`), or when the full tree, tried on AUTO_SAMPLE dataset
+queries (plain mode, k = AUTO_K), would spend at least AUTO_MAX_SHARE of brute force's work
+(distance evaluations plus bound dot products, per candidate); the tree otherwise.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +14,36 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from . import search
 from ._validation import _describe, as_index_array, as_int
 from .backends import QueryBatch, get_backend
-from .errors import InvalidArgumentError, InvalidTypeError
-from .kernels import Kernel
+from .errors import IndexFormatError, InvalidArgumentError, InvalidTypeError, ResidualGPUError
+from .hilbert import hilbert_order
+from .kernels import Kernel, make_kernel
 from .problem import ResidualProblem
-from .search import exact_knn
+from .search import exact_knn, initial_keep
 from .telemetry import Telemetry
+from .tree import DEFAULT_LEAF_SIZE, SearchTree, arrays_digest, build_tree
+from .tree_search import DEFAULT_TILE_SIZE, TreeSearcher
 
-METHODS = ("auto", "brute")
+METHODS = ("auto", "brute", "tree")
+#: ``method="auto"``: below this many points brute force always wins
+AUTO_MIN_N = 4096
+#: ``method="auto"``: queries sampled (dataset points, fixed seed) and k used for the estimate
+AUTO_SAMPLE = 128
+AUTO_TILES = 2
+AUTO_K = 30
+#: ``method="auto"`` picks the tree only if its estimated work share is below this
+AUTO_MAX_SHARE = 0.35
+#: ``method="auto"`` pre-check: a tree over this many sampled points; a work share at or above
+#: AUTO_VACUOUS_SHARE there means the bounds are vacuous (brute force, without the full build)
+AUTO_PRECHECK_N = 4096
+AUTO_VACUOUS_SHARE = 0.9
+#: saved index files
+INDEX_FORMAT = "residual_gpu.index"
+INDEX_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -37,24 +65,92 @@ class ResidualIndex:
     """A residual-correlation neighbour index over one ResidualProblem.
 
     ``backend`` ("auto", "cpu", "cuda", "jax") is resolved once here and kept in
-    ``self.backend``; ``method`` ("auto", "brute") likewise in ``self.method``.
+    ``self.backend``; ``method`` ("auto", "brute", "tree") likewise in ``self.method``
+    (``self.auto_reason`` says why "auto" chose it). The tree (method "tree") is built here,
+    with ``leaf_size`` points per leaf, and searched in tiles of ``tile_size`` queries.
     """
 
-    def __init__(self, problem: ResidualProblem, backend: str = "auto", method: str = "auto"):
+    def __init__(self, problem: ResidualProblem, backend: str = "auto", method: str = "auto", *,
+                 leaf_size: int = DEFAULT_LEAF_SIZE, tile_size: int = DEFAULT_TILE_SIZE,
+                 progress: bool | None = None, _tree=None):
         if not isinstance(problem, ResidualProblem):
             raise InvalidTypeError(f"problem must be a ResidualProblem, got problem={_describe(problem)}")
         if not isinstance(method, str):
             raise InvalidTypeError(f"method must be a string, got method={method!r}")
         if method not in METHODS:
             raise InvalidArgumentError(f"method must be one of {list(METHODS)}, got method={method!r}")
+        self.leaf_size = as_int(leaf_size, "leaf_size", low=1)
+        self.tile_size = as_int(tile_size, "tile_size", low=1)
         self.problem = problem
         self._backend = get_backend(backend)
         self.backend = self._backend.name
-        # Only brute force exists so far; "auto" resolves to it.
-        self.method = "brute"
+        self.tree = None
+        self._searcher = None
+        #: why "auto" chose what it chose (empty for an explicit method)
+        self.auto_reason = ""
+        self.auto_estimate: dict = {}
         t0 = time.perf_counter()
         self._prepared = self._backend.prepare(problem)
-        self.build_seconds = time.perf_counter() - t0
+        self.build_seconds_by_phase = {"prepare": time.perf_counter() - t0}
+        if method == "brute":
+            self.method = "brute"
+        elif method == "tree" or _tree is not None:
+            self.method = "tree"
+            self._set_tree(_tree if _tree is not None else build_tree(problem, self.leaf_size, progress=progress))
+        else:
+            self.method = self._choose_method(progress)
+        self.build_seconds = float(sum(self.build_seconds_by_phase.values()))
+
+    def _set_tree(self, tree) -> None:
+        self.tree = tree
+        for phase, sec in tree.build_seconds.items():
+            self.build_seconds_by_phase[phase] = self.build_seconds_by_phase.get(phase, 0.0) + sec
+        prob = self.problem
+        self._searcher = TreeSearcher(tree, prob.coords, prob.lengthscales, prob.v, prob.p, prob.kernel,
+                                      tile_size=self.tile_size)
+
+    def _choose_method(self, progress) -> str:
+        """The documented ``method="auto"`` rule (module docstring)."""
+        prob = self.problem
+        if self.backend != "cpu":
+            self.auto_reason = f"backend {self.backend!r}: tree leaf blocks run on the host, brute force on the device"
+            return "brute"
+        if prob.n < AUTO_MIN_N:
+            self.auto_reason = f"n={prob.n} < {AUTO_MIN_N}: brute force"
+            return "brute"
+        t0 = time.perf_counter()
+        # 1. a cheap pre-check on a subsample: are the bounds vacuous (tiny p, as on `gold`)?
+        sub = np.sort(np.random.default_rng(1).choice(prob.n, min(prob.n, AUTO_PRECHECK_N), replace=False))
+        view = _ProblemView(prob, sub)
+        pre_tree = build_tree(view, self.leaf_size, progress=False)
+        pre = TreeSearcher(pre_tree, view.coords, view.lengthscales, view.v, view.p, view.kernel,
+                           tile_size=self.tile_size)
+        pre_share = _estimate_share(pre, view, None)
+        self.auto_estimate = {"precheck_points": int(sub.size), "precheck_work_share": pre_share}
+        if pre_share >= AUTO_VACUOUS_SHARE:
+            self.build_seconds_by_phase["auto_estimate"] = time.perf_counter() - t0
+            self.auto_reason = (f"bounds vacuous: work share {pre_share:.3f} >= {AUTO_VACUOUS_SHARE} on a "
+                                f"{sub.size}-point subsample: brute force")
+            return "brute"
+        # 2. the full tree, tried on compact tiles of dataset queries
+        self._set_tree(build_tree(prob, self.leaf_size, progress=progress))
+        t1 = time.perf_counter()
+        share = _estimate_share(self._searcher, prob, self._brute_select, self.auto_estimate)
+        self.build_seconds_by_phase["auto_estimate"] = (time.perf_counter() - t1) + (t1 - t0 - sum(
+            self.tree.build_seconds.values()))
+        if share < AUTO_MAX_SHARE:
+            self.auto_reason = f"estimated tree work share {share:.3f} < {AUTO_MAX_SHARE}: tree"
+            return "tree"
+        self.auto_reason = f"estimated tree work share {share:.3f} >= {AUTO_MAX_SHARE}: brute force"
+        self.tree = None
+        self._searcher = None
+        for phase in ("tree_split", "tree_summaries"):
+            self.build_seconds_by_phase["tree_discarded"] = (self.build_seconds_by_phase.get("tree_discarded", 0.0)
+                                                             + self.build_seconds_by_phase.pop(phase, 0.0))
+        return "brute"
+
+    def _brute_select(self, sub, keep):
+        return self._backend.select_candidates(self._prepared, sub, keep)
 
     def _batch(self, queries, query_coords, predecessor: bool) -> QueryBatch:
         prob = self.problem
@@ -72,11 +168,12 @@ class ResidualIndex:
         return QueryBatch(prob.coords[ids], prob.v[ids], prob.p[ids], prob.v_norms[ids], ids, limit)
 
     def query(self, k: int, *, queries=None, query_coords=None, predecessor: bool = False,
-              progress: bool | None = None) -> KnnResult:
+              progress: bool | None = None, telemetry_path=None) -> KnnResult:
         """The k nearest neighbours in residual distance d = sqrt(1 - |rho|).
 
         queries: dataset indices (default: every point); query_coords: new locations (q, d).
         predecessor: neighbours of dataset point i restricted to j < i (Vecchia ordering).
+        telemetry_path: append the call's telemetry as one JSON line to this file.
         """
         if not isinstance(predecessor, (bool, np.bool_)):
             raise InvalidTypeError(f"predecessor must be a bool, got predecessor={predecessor!r}")
@@ -88,15 +185,148 @@ class ResidualIndex:
         telemetry = Telemetry(method=self.method, backend=self.backend, queries=batch.size, k=k,
                               predecessor=bool(predecessor))
         t0 = time.perf_counter()
-        def select(sub, keep):
-            return self._backend.select_candidates(self._prepared, sub, keep)
+        if self.method == "tree":
+            tree = self.tree
+            telemetry.tree_nodes = tree.nodes
+            telemetry.tree_leaves = tree.leaves
+            telemetry.dense_points = int(tree.dense.size)
 
-        idx, dist = exact_knn(select, self.problem, batch, k, telemetry, progress)
+            def select(sub, keep):
+                return self._searcher.select(sub, keep, self._brute_select, telemetry, k=k)
+
+            # spatially compact groups of at most one search chunk each (TreeSearcher.query_groups)
+            groups = self._searcher.query_groups(batch, search.QUERY_CHUNK)
+            idx = np.empty((batch.size, k), dtype=np.int64)
+            dist = np.empty((batch.size, k))
+            disable = True if progress is False or (progress is None and len(groups) <= 1) else (
+                None if progress is None else False)
+            with tqdm(total=batch.size, unit="query", disable=disable, leave=False, delay=1.0,
+                      desc=f"residual kNN (tree, {self.backend})") as bar:
+                for rows in groups:
+                    gi, gd = exact_knn(select, self.problem, batch.take(rows), k, telemetry, False)
+                    idx[rows] = gi
+                    dist[rows] = gd
+                    bar.update(rows.size)
+        else:
+            idx, dist = exact_knn(self._brute_select, self.problem, batch, k, telemetry, progress)
         telemetry.add_seconds("query", time.perf_counter() - t0)
+        if telemetry_path is not None:
+            telemetry.write_jsonl(telemetry_path)
         return KnnResult(idx, dist, telemetry)
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the problem's arrays, the method and the tree to an .npz file (no pickle).
+
+        The file holds a format id and version and a sha256 digest of its arrays;
+        ``ResidualIndex.load`` checks all three.
+        """
+        prob = self.problem
+        kern = prob.kernel
+        arrays = {
+            "coords": prob.coords, "v": prob.v, "p": prob.p,
+            "kernel_name": np.asarray(kern.name), "kernel_lengthscale": np.asarray(kern.lengthscale, dtype=np.float64),
+            "kernel_variance": np.asarray(kern.variance), "jitter": np.asarray(prob.jitter),
+            "p_floor": np.asarray(prob.p_floor), "method": np.asarray(self.method),
+            "leaf_size": np.asarray(self.leaf_size), "tile_size": np.asarray(self.tile_size),
+            "has_inducing": np.asarray(prob.inducing is not None),
+            "inducing": prob.inducing if prob.inducing is not None else np.zeros((0, prob.d)),
+        }
+        if self.tree is not None:
+            arrays.update(self.tree.to_arrays())
+        header = {"format": np.asarray(INDEX_FORMAT), "format_version": np.asarray(INDEX_FORMAT_VERSION),
+                  "digest": np.asarray(arrays_digest(arrays))}
+        with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(fh, **header, **arrays)
+
+    @classmethod
+    def load(cls, path, backend: str = "auto", tile_size: int | None = None) -> ResidualIndex:
+        """An index saved by ``save``; raises IndexFormatError if the file is corrupted or mismatched."""
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                data = {name: npz[name] for name in npz.files}
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # zip, CRC, header and pickle errors all mean a bad file
+            raise IndexFormatError(f"cannot read index file {path!r}: {exc}") from exc
+        try:
+            fmt = str(data.pop("format"))
+            version = int(data.pop("format_version"))
+            digest = str(data.pop("digest"))
+        except KeyError as exc:
+            raise IndexFormatError(f"{path!r} is not a residual_gpu index file (missing {exc})") from exc
+        if fmt != INDEX_FORMAT:
+            raise IndexFormatError(f"{path!r} is not a residual_gpu index file (format {fmt!r})")
+        if version != INDEX_FORMAT_VERSION:
+            raise IndexFormatError(f"{path!r} has index format version {version}; this version reads "
+                                   f"{INDEX_FORMAT_VERSION}")
+        if arrays_digest(data) != digest:
+            raise IndexFormatError(f"{path!r} is corrupted: its arrays do not match the stored digest")
+        try:
+            kern = make_kernel(str(data["kernel_name"]), lengthscale=(
+                float(data["kernel_lengthscale"]) if data["kernel_lengthscale"].ndim == 0
+                else data["kernel_lengthscale"]), variance=float(data["kernel_variance"]))
+            problem = ResidualProblem.from_factors(
+                data["coords"], v=data["v"], p=data["p"], kernel=kern,
+                inducing=data["inducing"] if bool(data["has_inducing"]) else None,
+                jitter=float(data["jitter"]), p_floor=float(data["p_floor"]))
+            method = str(data["method"])
+            leaf_size = int(data["leaf_size"])
+            saved_tile = int(data["tile_size"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise IndexFormatError(f"{path!r} is malformed: {exc}") from exc
+        except ResidualGPUError as exc:
+            raise IndexFormatError(f"{path!r} holds an invalid problem: {exc}") from exc
+        tree = None
+        if method == "tree":
+            tree = SearchTree.from_arrays(data, n=problem.n, d=problem.d, m=problem.m)
+        elif method != "brute":
+            raise IndexFormatError(f"{path!r} has unknown method {method!r}")
+        return cls(problem, backend=backend, method=method, leaf_size=leaf_size,
+                   tile_size=saved_tile if tile_size is None else tile_size, _tree=tree)
 
     def __repr__(self) -> str:
         return f"ResidualIndex({self.problem!r}, backend={self.backend!r}, method={self.method!r})"
+
+
+class _ProblemView:
+    """The attributes build_tree and TreeSearcher read, for a subset of a problem's points."""
+
+    def __init__(self, problem: ResidualProblem, rows: np.ndarray):
+        self.coords = problem.coords[rows]
+        self.v = problem.v[rows]
+        self.p = problem.p[rows]
+        self.v_norms = problem.v_norms[rows]
+        self.n = rows.size
+        self.lengthscales = problem.lengthscales
+        self.kernel = problem.kernel
+        self._chol = getattr(problem, "_chol", None)
+
+
+def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | None = None) -> float:
+    """Work share of one select pass (plain mode, k = AUTO_K) over AUTO_TILES compact runs of points.
+
+    Runs of AUTO_SAMPLE / AUTO_TILES points consecutive along the Hilbert curve, from fixed-seed
+    random starts, are tiles as a full query of all points forms them. Work = block pairs +
+    brute-routed evaluations + bound dot products, per (query, candidate) pair.
+    """
+    curve = hilbert_order(prob.coords / prob.lengthscales, *searcher.box)
+    per = max(1, AUTO_SAMPLE // AUTO_TILES)
+    starts = np.random.default_rng(0).integers(0, max(prob.n - per, 0) + 1, AUTO_TILES)
+    rows = np.unique(np.concatenate([curve[s:s + per] for s in starts])).astype(np.int64)
+    k = min(AUTO_K, prob.n - 1)
+    batch = QueryBatch(prob.coords[rows], prob.v[rows], prob.p[rows], prob.v_norms[rows], rows,
+                       np.full(rows.size, prob.n, dtype=np.int64))
+    tel = Telemetry()
+    t0 = time.perf_counter()
+    searcher.select(batch, initial_keep(k), brute_select, tel, k=k)
+    pairs = rows.size * (prob.n - 1)
+    share = (tel.block_pairs + tel.brute_evaluations + tel.bound_products) / pairs
+    if record is not None:
+        record.update({"sample": int(rows.size), "k": k, "work_share": share,
+                       "evaluated_share": (tel.block_pairs + tel.brute_evaluations) / pairs,
+                       "seconds": time.perf_counter() - t0})
+    return share
 
 
 def residual_knn(coords, k: int, kernel: Kernel, inducing=256, predecessor: bool = False, queries=None,

@@ -225,7 +225,7 @@ def test_backend_not_a_string(problem, backend):
         rg.ResidualIndex(problem, backend=backend)
 
 
-@pytest.mark.parametrize("method", ["tree", "BRUTE-FORCE", ""])
+@pytest.mark.parametrize("method", ["kdtree", "BRUTE-FORCE", ""])
 def test_unknown_method(problem, method):
     with raises_typed(InvalidArgumentError, "method", f"method={method!r}", "brute"):
         rg.ResidualIndex(problem, method=method)

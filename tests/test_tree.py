@@ -1,0 +1,404 @@
+"""The search tree (method="tree"): exact against the reference and brute force, valid bounds,
+the Euclidean mode against scipy's cKDTree, persistence, telemetry and the "auto" rule."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import KERNEL_CLASSES, assert_knn_equal, make_problem, reference_distance_rows
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.spatial import cKDTree
+
+import residual_gpu as rg
+from residual_gpu import search
+from residual_gpu.hilbert import hilbert_keys
+from residual_gpu.reference import brute_knn_reference, residual_rho_block
+from residual_gpu.telemetry import SCHEMA, SCHEMA_VERSION
+from residual_gpu.tree import build_tree, euclidean_knn
+
+CASES = [  # (d, kernel, lengthscale, m)
+    (1, rg.Matern12, 0.2, 12),
+    (2, rg.Matern52, 0.1, 30),
+    (3, rg.RBF, 0.5, 40),
+    (8, rg.Matern32, np.linspace(0.6, 1.6, 8), 25),  # ARD
+]
+CASE_IDS = [f"d{c[0]}-{c[1].__name__}" for c in CASES]
+
+
+def tree_index(problem, leaf_size=8, tile_size=5):
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=leaf_size, tile_size=tile_size)
+    assert index.method == "tree"
+    return index
+
+
+def check(index, k, queries=None, query_coords=None, predecessor=False):
+    """Tree result equals the float64 reference (and padding / tie rules)."""
+    problem = index.problem
+    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
+    if query_coords is not None:
+        xq, vq, pq = problem.factors_at(query_coords)
+        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
+                                  query_coords=xq, query_v=vq, query_p=pq)
+    else:
+        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
+                                  queries=queries, predecessor=predecessor)
+    assert_knn_equal(*ref, res.indices, res.distances, reference_distance_rows(problem, queries, query_coords))
+    return res
+
+
+def same_as_brute(problem, res, k, **kw):
+    """Tree and brute force return identical indices and bit-identical distances."""
+    brute = rg.ResidualIndex(problem, backend="cpu", method="brute").query(k, **kw)
+    np.testing.assert_array_equal(res.indices, brute.indices)
+    np.testing.assert_array_equal(res.distances, brute.distances)
+
+
+# -- exactness ------------------------------------------------------------------------------
+@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
+def test_all_points(seed, d, kernel, ls, m, predecessor):
+    problem = make_problem(seed, 180, d, kernel(lengthscale=ls, variance=1.7), m)
+    index = tree_index(problem)
+    for k in (1, 7, 40):
+        res = check(index, k, predecessor=predecessor)
+    same_as_brute(problem, res, 40, predecessor=predecessor)
+
+
+@pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
+def test_query_indices_and_new_locations(seed, d, kernel, ls, m):
+    problem = make_problem(seed, 150, d, kernel(lengthscale=ls), m)
+    index = tree_index(problem, leaf_size=6, tile_size=4)
+    rng = np.random.default_rng(seed + 10)
+    queries = rng.integers(0, 150, 40)  # with repeats
+    check(index, 9, queries=queries)
+    res = check(index, 9, queries=queries, predecessor=True)
+    small = queries < 9
+    assert np.all((res.indices[small] >= 0).sum(axis=1) == queries[small])
+    xnew = rng.random((30, d))
+    xnew[:3] = problem.coords[:3]  # new locations on top of data points
+    check(index, 11, query_coords=xnew)
+    check(index, 150, query_coords=xnew)  # every point
+
+
+@pytest.mark.parametrize("leaf_size,tile_size", [(1, 1), (2, 3), (5, 64), (64, 7), (400, 4), (16, 16)])
+def test_leaf_and_tile_sizes(leaf_size, tile_size):
+    problem = make_problem(11, 220, 2, rg.Matern32(lengthscale=0.08), 20, duplicates=15)
+    index = tree_index(problem, leaf_size, tile_size)
+    check(index, 6)
+    check(index, 6, predecessor=True)
+    check(index, 6, queries=np.array([219, 0, 5, 5, 77]))
+
+
+@pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
+def test_k_up_to_admissible_maximum(predecessor):
+    problem = make_problem(3, 60, 2, rg.Matern32(lengthscale=0.3), 10)
+    index = tree_index(problem, leaf_size=4, tile_size=3)
+    for k in (1, 2, 30, 58, 59):
+        res = check(index, k, predecessor=predecessor)
+    if predecessor:
+        assert np.all((res.indices >= 0).sum(axis=1) == np.minimum(np.arange(60), 59))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_CLASSES, ids=lambda c: c.__name__)
+def test_duplicated_points_tie_by_index(kernel):
+    problem = make_problem(4, 160, 2, kernel(lengthscale=0.2), 20, duplicates=60)
+    index = tree_index(problem)
+    check(index, 12)
+    check(index, 12, predecessor=True)
+
+
+def test_many_exact_ties_force_retries(monkeypatch):
+    x = np.random.default_rng(5).random((120, 2))
+    x[40:90] = x[40]
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3), inducing=15)
+    index = tree_index(problem)
+    res = check(index, 10)
+    assert res.telemetry.recertified_queries > 0
+    monkeypatch.setattr(search, "CANDIDATE_SLOTS", 64)  # retries go a few queries at a time
+    check(index, 10, predecessor=True)
+
+
+def test_minimal_keep_and_small_chunks(monkeypatch):
+    """keep == k (no slack) and chunks of a few queries: thresholds and groups still exact."""
+    monkeypatch.setattr(search, "initial_keep", lambda k: k)
+    monkeypatch.setattr(search, "QUERY_CHUNK", 7)
+    problem = make_problem(7, 150, 2, rg.Matern12(lengthscale=0.1), 12, duplicates=30)
+    index = tree_index(problem)
+    res = check(index, 5)
+    assert res.telemetry.keep == 5
+    check(index, 5, predecessor=True)
+
+
+def test_clustered_data(seed):
+    problem = make_problem(seed, 240, 3, rg.Matern52(lengthscale=0.05), 16, clustered=True)
+    index = tree_index(problem)
+    check(index, 15)
+    check(index, 15, predecessor=True)
+
+
+def test_tiny_residual_variance():
+    """The gold regime: inducing points are data points, p ~ 1e-6; bounds are vacuous, results exact."""
+    x = np.random.default_rng(42).normal(size=(400, 3))
+    u = x[np.sort(np.random.default_rng(0).choice(400, 200, replace=False))]
+    problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
+    assert np.median(problem.p) < 1e-5
+    index = tree_index(problem)
+    queries = np.random.default_rng(43).integers(0, 400, 64)
+    check(index, 20, queries=queries)
+    res = check(index, 20, queries=queries, predecessor=True)
+    same_as_brute(problem, res, 20, queries=queries, predecessor=True)
+
+
+def test_factors_without_inducing_points():
+    """from_factors without U: the tree summarises V itself (identity transform), still exact."""
+    base = make_problem(8, 200, 2, rg.Matern32(lengthscale=0.1), 20)
+    problem = rg.ResidualProblem.from_factors(base.coords, v=base.v, p=base.p, kernel=base.kernel)
+    index = tree_index(problem)
+    assert index.tree.transform.size == 0
+    check(index, 8)
+    check(index, 8, predecessor=True)
+
+
+def test_pruning_happens_and_stays_exact():
+    """n = 3000: the tree evaluates well under 60% of the candidates, and equals brute force."""
+    x = np.random.default_rng(12).random((3000, 2))
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.03), inducing=100, seed=1)
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=32, tile_size=32)
+    res = index.query(20)
+    tel = res.telemetry
+    share = tel.distance_evaluations / (3000 * 2999)
+    assert share < 0.6, share
+    assert tel.prunes_bound > 0
+    same_as_brute(problem, res, 20)
+    pred = index.query(20, predecessor=True)
+    assert pred.telemetry.prunes_predecessor > 0
+    same_as_brute(problem, pred, 20, predecessor=True)
+
+
+# -- bounds -----------------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(12, 120), d=st.integers(1, 4),
+       kernel=st.sampled_from(KERNEL_CLASSES), ls=st.floats(0.03, 2.0), m=st.integers(2, 30),
+       ard=st.booleans(), dupes=st.integers(0, 10), leaf=st.integers(1, 16), tiny_p=st.booleans())
+def test_bounds_never_below_true_rho(seed, n, d, kernel, ls, m, ard, dupes, leaf, tiny_p):
+    """U(query, node) >= |rho(query, j)| for every point j of every node (dataset and new queries)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, d))
+    if dupes:
+        x[rng.choice(n, min(dupes, n), replace=False)] = x[rng.choice(n, min(dupes, n))]
+    lengthscale = ls * rng.uniform(0.5, 2.0, d) if ard else ls
+    m = min(m, n)
+    inducing = x[np.sort(rng.choice(n, m, replace=False))] if tiny_p else m
+    try:
+        problem = rg.ResidualProblem(x, kernel=kernel(lengthscale=lengthscale, variance=rng.uniform(0.3, 3.0)),
+                                     inducing=inducing, seed=seed % 100)
+    except rg.InvalidArgumentError:  # K(U, U) not positive definite (duplicated inducing points)
+        return
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=leaf, tile_size=3)
+    tree = index.tree
+    xq = np.concatenate([problem.coords, rng.random((5, d)) * 1.4 - 0.2])
+    _, vq, pq = problem.factors_at(xq)
+    bound = index._searcher.node_bounds(xq, vq, pq)
+    rho = np.abs(residual_rho_block(xq, vq, pq, problem.coords, problem.v, problem.p, problem.kernel))
+    for nd in range(tree.nodes):
+        pts = tree.perm[tree.node_start[nd]:tree.node_end[nd]]
+        true = rho[:, pts].max(axis=1)
+        assert np.all(bound[:, nd] >= true), (nd, np.min(bound[:, nd] - true))
+
+
+def test_tree_layout_invariants():
+    problem = make_problem(2, 500, 3, rg.Matern52(lengthscale=0.1), 30, duplicates=20)
+    tree = build_tree(problem, leaf_size=10)
+    tree.validate(n=500, d=3, m=30)
+    # every point is in exactly one leaf; leaves index-sorted; boxes contain their points
+    leaves = np.flatnonzero(tree.node_left < 0)
+    covered = np.concatenate([tree.perm[tree.node_start[nd]:tree.node_end[nd]] for nd in leaves])
+    assert np.array_equal(np.sort(np.concatenate([covered, tree.dense])), np.arange(500))
+    for nd in range(tree.nodes):
+        pts = tree.perm[tree.node_start[nd]:tree.node_end[nd]]
+        assert tree.node_min[nd] == pts.min()
+        assert np.all(problem.coords[pts] >= tree.node_lo[nd]) and np.all(problem.coords[pts] <= tree.node_hi[nd])
+        if tree.node_left[nd] < 0:
+            assert pts.size <= 10 and np.all(np.diff(pts) > 0)
+        else:
+            a, b = tree.node_left[nd], tree.node_right[nd]
+            assert a == nd + 1 and tree.node_start[a] == tree.node_start[nd] and tree.node_end[b] == tree.node_end[nd]
+    assert np.all(np.diff(tree.root_lo) > 0)
+
+
+def test_hilbert_keys_walk_adjacent_cells():
+    for d, bits in [(1, 5), (2, 4), (3, 3), (5, 2)]:
+        g = np.stack(np.meshgrid(*[np.arange(2**bits)] * d, indexing="ij"), -1).reshape(-1, d) + 0.5
+        keys = hilbert_keys(g, np.zeros(d), np.full(d, 2.0**bits), bits=bits)
+        assert np.array_equal(np.sort(keys), np.arange(2 ** (bits * d)))
+        steps = np.abs(np.diff(g[np.argsort(keys)], axis=0)).sum(axis=1)
+        assert np.all(steps == 1.0)
+
+
+# -- Euclidean mode ---------------------------------------------------------------------------
+@pytest.mark.parametrize("d", [1, 2, 3, 8])
+def test_euclidean_equals_ckdtree(d):
+    rng = np.random.default_rng(d)
+    x = rng.random((700, d))
+    idx, dist = euclidean_knn(x, 9, leaf_size=8, tile_size=6)
+    ref_dist, ref_idx = cKDTree(x).query(x, 10)
+    np.testing.assert_array_equal(idx, ref_idx[:, 1:])
+    np.testing.assert_allclose(dist, ref_dist[:, 1:], rtol=0, atol=1e-12)
+    xq = rng.random((50, d)) * 1.2 - 0.1
+    idx, dist = euclidean_knn(x, 700, query_coords=xq)
+    ref_dist, ref_idx = cKDTree(x).query(xq, 700)
+    np.testing.assert_allclose(dist, ref_dist, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(idx, ref_idx)
+    q = rng.integers(0, 700, 30)
+    idx, dist = euclidean_knn(x, 5, queries=q)
+    ref_dist, ref_idx = cKDTree(x).query(x[q], 6)
+    np.testing.assert_array_equal(idx, ref_idx[:, 1:])
+
+
+def test_euclidean_ties_go_to_the_smaller_index():
+    rng = np.random.default_rng(3)
+    x = np.round(rng.random((300, 2)) * 6) / 6  # a coarse grid: many equal distances
+    idx, dist = euclidean_knn(x, 12, leaf_size=4, tile_size=5)
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    cols = np.broadcast_to(np.arange(300), d2.shape)
+    order = np.lexsort((cols, d2), axis=1)[:, :12]
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_allclose(dist, np.sqrt(np.take_along_axis(d2, order, axis=1)), rtol=0, atol=1e-15)
+
+
+# -- persistence ------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["tree", "brute"])
+def test_save_load_round_trip(tmp_path, method):
+    problem = make_problem(5, 200, 2, rg.Matern52(lengthscale=0.1), 20)
+    index = rg.ResidualIndex(problem, backend="cpu", method=method, leaf_size=8, tile_size=4)
+    path = tmp_path / "index.npz"
+    index.save(path)
+    loaded = rg.ResidualIndex.load(path, backend="cpu")
+    assert loaded.method == method and loaded.leaf_size == 8 and loaded.tile_size == 4
+    xnew = np.random.default_rng(1).random((7, 2))
+    for kw in ({}, {"predecessor": True}, {"query_coords": xnew}):
+        a = index.query(9, **kw)
+        b = loaded.query(9, **kw)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.distances, b.distances)
+    if method == "tree":
+        for name in ("perm", "node_lo", "node_mid", "node_rad", "transform", "dense"):
+            np.testing.assert_array_equal(getattr(index.tree, name), getattr(loaded.tree, name))
+
+
+def _rewrite(src, dst, **changes):
+    with np.load(src, allow_pickle=False) as npz:
+        data = {name: npz[name] for name in npz.files}
+    data.update(changes)
+    with open(dst, "wb") as fh:
+        np.savez(fh, **data)
+
+
+def test_corrupted_and_mismatched_files_raise(tmp_path):
+    problem = make_problem(6, 150, 2, rg.Matern32(lengthscale=0.1), 15)
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=8)
+    good = tmp_path / "good.npz"
+    index.save(good)
+    raw = good.read_bytes()
+    # flipped bytes in the middle of the data, a truncated file, and not a zip at all
+    flipped = bytearray(raw)
+    for off in range(len(raw) // 3, len(raw) // 3 + 64):
+        flipped[off] ^= 0xFF
+    cases = {"flipped.npz": bytes(flipped), "truncated.npz": raw[: len(raw) // 2], "garbage.npz": b"not an index"}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(rg.IndexFormatError):
+            rg.ResidualIndex.load(tmp_path / name)
+    # well-formed files with the wrong version, the wrong format id, or edited arrays
+    _rewrite(good, tmp_path / "v99.npz", format_version=np.asarray(99))
+    _rewrite(good, tmp_path / "fmt.npz", format=np.asarray("something.else"))
+    perm = np.load(good)["tree_perm"].copy()
+    perm[[0, 1]] = perm[[1, 0]]
+    _rewrite(good, tmp_path / "edited.npz", tree_perm=perm)
+    for name in ("v99.npz", "fmt.npz", "edited.npz"):
+        with pytest.raises(rg.IndexFormatError):
+            rg.ResidualIndex.load(tmp_path / name)
+    # a consistent digest does not make a broken tree acceptable
+    from residual_gpu.tree import arrays_digest
+
+    with np.load(good) as npz:
+        data = {name: npz[name] for name in npz.files}
+    data["tree_node_left"] = data["tree_node_left"].copy()
+    data["tree_node_left"][0] = 10**6
+    body = {k: v for k, v in data.items() if k not in ("format", "format_version", "digest")}
+    data["digest"] = np.asarray(arrays_digest(body))
+    with open(tmp_path / "badtree.npz", "wb") as fh:
+        np.savez(fh, **data)
+    with pytest.raises(rg.IndexFormatError):
+        rg.ResidualIndex.load(tmp_path / "badtree.npz")
+    with pytest.raises(FileNotFoundError):
+        rg.ResidualIndex.load(tmp_path / "missing.npz")
+    assert zipfile.is_zipfile(good)  # plain .npz, readable without pickle
+
+
+# -- telemetry ----------------------------------------------------------------------------------
+def test_telemetry_is_consistent_and_written_as_jsonl(tmp_path):
+    x = np.random.default_rng(9).random((900, 2))
+    u = x[:30]  # inducing points that are data points: tiny p, dense set and brute-routed queries
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.05), inducing=u)
+    index = tree_index(problem, leaf_size=16, tile_size=8)
+    path = tmp_path / "tel.jsonl"
+    for predecessor in (False, True):
+        tel = index.query(10, predecessor=predecessor, telemetry_path=path).telemetry
+        assert tel.method == "tree" and tel.queries == 900
+        assert tel.distance_evaluations == tel.block_pairs + tel.brute_evaluations
+        assert tel.brute_queries > 0 and tel.tree_queries + tel.brute_queries >= 900
+        assert tel.dense_points >= 30 and tel.dense_pairs > 0
+        assert tel.bound_products == 2 * tel.bound_evaluations
+        assert tel.blocks >= tel.leaves_evaluated > 0
+        assert 0 < tel.block_pairs_max <= tel.block_pairs
+        assert tel.yields <= tel.rounds and tel.frontier_max <= tel.frontier_sum
+        assert tel.prunes_bound > 0
+        assert (tel.prunes_predecessor > 0) == predecessor
+        assert tel.nodes_visited > 0 and tel.tree_nodes == index.tree.nodes
+        assert {"select", "certify", "query", "tree_traverse"} <= set(tel.seconds)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["schema"] == SCHEMA and row["schema_version"] == SCHEMA_VERSION
+        assert row["distance_evaluations"] == row["block_pairs"] + row["brute_evaluations"]
+    brute = rg.ResidualIndex(problem, backend="cpu", method="brute").query(10, telemetry_path=path).telemetry
+    assert brute.blocks == 0 and brute.bound_evaluations == 0
+    assert json.loads(path.read_text().splitlines()[-1])["method"] == "brute"
+
+
+# -- method selection ---------------------------------------------------------------------------
+def test_auto_picks_brute_force_when_bounds_are_vacuous():
+    """The gold regime (inducing points among the data, p ~ 1e-6): auto chooses brute force."""
+    n = 4096
+    x = np.random.default_rng(42).normal(size=(n, 3))
+    u = x[np.sort(np.random.default_rng(0).choice(n, 256, replace=False))]
+    problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
+    index = rg.ResidualIndex(problem, backend="cpu")
+    assert index.method == "brute" and index.tree is None
+    est = index.auto_estimate
+    assert "brute" in index.auto_reason
+    assert est["precheck_work_share"] >= 0.9 or est["work_share"] >= 0.35
+
+
+def test_auto_picks_the_tree_where_it_prunes():
+    x = np.random.default_rng(1).random((6000, 2))
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.02), inducing=64, seed=0)
+    index = rg.ResidualIndex(problem, backend="cpu", method="auto")
+    assert index.method == "tree", index.auto_reason
+    res = index.query(10, queries=np.arange(0, 6000, 50), predecessor=True)
+    same_as_brute(problem, res, 10, queries=np.arange(0, 6000, 50), predecessor=True)
+
+
+def test_auto_small_problems_use_brute_force_and_bad_methods_are_rejected():
+    problem = make_problem(0, 100, 2, rg.Matern52(lengthscale=0.1), 10)
+    assert rg.ResidualIndex(problem, backend="cpu").method == "brute"
+    with pytest.raises(rg.InvalidArgumentError):
+        rg.ResidualIndex(problem, method="kdtree")
+    with pytest.raises(rg.InvalidArgumentError):
+        rg.ResidualIndex(problem, method="tree", leaf_size=0)
