@@ -46,7 +46,7 @@ PROFILE = PROFILES[PROFILE_NAME]
 #: every registered backend; unavailable ones are skipped in setup, with the reason.
 BACKENDS = ("cpu", "jax", "cuda")
 #: search methods benchmarked; adding "tree" here is the whole change on this side.
-METHODS = ("brute",)
+METHODS = ("brute", "tree")
 SUITES = PROFILE["suites"]
 SIZES = PROFILE["sizes"]
 #: "plain" = unrestricted neighbours, "predecessor" = j < i (Vecchia); a suite that is not
