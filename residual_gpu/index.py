@@ -1,11 +1,12 @@
 """Public search API: ResidualIndex, KnnResult and the one-call ``residual_knn``.
 
 ``method="auto"`` rule (docs/tree.md, "Choosing the method"): brute force when the backend
-is not the CPU (the tree's leaf blocks run on the host), when n < AUTO_MIN_N, when a tree over
-AUTO_PRECHECK_N sampled points spends at least AUTO_VACUOUS_SHARE of brute force's work (the
-bounds are vacuous, as on `gold`), or when the full tree, tried on AUTO_SAMPLE dataset
-queries (plain mode, k = AUTO_K), would spend at least AUTO_MAX_SHARE of brute force's work
-(distance evaluations plus bound dot products, per candidate); the tree otherwise.
+is not the CPU (the tree's leaf blocks run on the host), when n < AUTO_MIN_N, when the median p
+is below AUTO_PRECHECK_P of the variance and a tree over AUTO_PRECHECK_N sampled points spends
+at least AUTO_VACUOUS_SHARE of brute force's work (the bounds are vacuous, as on `gold`), or
+when the full tree, tried on AUTO_SAMPLE dataset queries (plain mode, k = AUTO_K), would spend
+at least AUTO_MAX_SHARE of brute force's work (distance evaluations plus bound dot products,
+per candidate); the tree otherwise.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ METHODS = ("auto", "brute", "tree")
 #: ``method="auto"``: below this many points brute force always wins
 AUTO_MIN_N = 4096
 #: ``method="auto"``: queries sampled (dataset points, fixed seed) and k used for the estimate
-AUTO_SAMPLE = 128
+AUTO_SAMPLE = 256
 AUTO_TILES = 2
 AUTO_K = 30
 #: ``method="auto"`` picks the tree only if its estimated work share is below this
@@ -41,6 +42,8 @@ AUTO_MAX_SHARE = 0.35
 #: AUTO_VACUOUS_SHARE there means the bounds are vacuous (brute force, without the full build)
 AUTO_PRECHECK_N = 4096
 AUTO_VACUOUS_SHARE = 0.9
+#: the pre-check runs only where median(p) < AUTO_PRECHECK_P * variance
+AUTO_PRECHECK_P = 0.01
 #: saved index files
 INDEX_FORMAT = "residual_gpu.index"
 INDEX_FORMAT_VERSION = 1
@@ -106,8 +109,11 @@ class ResidualIndex:
         for phase, sec in tree.build_seconds.items():
             self.build_seconds_by_phase[phase] = self.build_seconds_by_phase.get(phase, 0.0) + sec
         prob = self.problem
+        t0 = time.perf_counter()
         self._searcher = TreeSearcher(tree, prob.coords, prob.lengthscales, prob.v, prob.p, prob.kernel,
                                       tile_size=self.tile_size)
+        # V, coordinates and 1/sqrt(p) copied into tree order
+        self.build_seconds_by_phase["tree_layout"] = time.perf_counter() - t0
 
     def _choose_method(self, progress) -> str:
         """The documented ``method="auto"`` rule (module docstring)."""
@@ -119,32 +125,34 @@ class ResidualIndex:
             self.auto_reason = f"n={prob.n} < {AUTO_MIN_N}: brute force"
             return "brute"
         t0 = time.perf_counter()
-        # 1. a cheap pre-check on a subsample: are the bounds vacuous (tiny p, as on `gold`)?
-        sub = np.sort(np.random.default_rng(1).choice(prob.n, min(prob.n, AUTO_PRECHECK_N), replace=False))
-        view = _ProblemView(prob, sub)
-        pre_tree = build_tree(view, self.leaf_size, progress=False)
-        pre = TreeSearcher(pre_tree, view.coords, view.lengthscales, view.v, view.p, view.kernel,
-                           tile_size=self.tile_size)
-        pre_share = _estimate_share(pre, view, None)
-        self.auto_estimate = {"precheck_points": int(sub.size), "precheck_work_share": pre_share}
-        if pre_share >= AUTO_VACUOUS_SHARE:
+        # 1. where residual variances are small, a cheap pre-check on a subsample: are the
+        #    bounds vacuous (as on `gold`)? Then brute force, without the full build.
+        if np.median(prob.p) < AUTO_PRECHECK_P * prob.kernel.variance:
+            sub = np.sort(np.random.default_rng(1).choice(prob.n, min(prob.n, AUTO_PRECHECK_N), replace=False))
+            view = _ProblemView(prob, sub)
+            pre = TreeSearcher(build_tree(view, self.leaf_size, progress=False), view.coords, view.lengthscales,
+                               view.v, view.p, view.kernel, tile_size=self.tile_size)
+            pre_share = _estimate_share(pre, view, None)
+            self.auto_estimate = {"precheck_points": int(sub.size), "precheck_work_share": pre_share}
+            if pre_share >= AUTO_VACUOUS_SHARE:
+                self.build_seconds_by_phase["auto_estimate"] = time.perf_counter() - t0
+                self.auto_reason = (f"bounds vacuous: work share {pre_share:.3f} >= {AUTO_VACUOUS_SHARE} on a "
+                                    f"{sub.size}-point subsample: brute force")
+                return "brute"
             self.build_seconds_by_phase["auto_estimate"] = time.perf_counter() - t0
-            self.auto_reason = (f"bounds vacuous: work share {pre_share:.3f} >= {AUTO_VACUOUS_SHARE} on a "
-                                f"{sub.size}-point subsample: brute force")
-            return "brute"
         # 2. the full tree, tried on compact tiles of dataset queries
         self._set_tree(build_tree(prob, self.leaf_size, progress=progress))
         t1 = time.perf_counter()
         share = _estimate_share(self._searcher, prob, self._brute_select, self.auto_estimate)
-        self.build_seconds_by_phase["auto_estimate"] = (time.perf_counter() - t1) + (t1 - t0 - sum(
-            self.tree.build_seconds.values()))
+        self.build_seconds_by_phase["auto_estimate"] = (self.build_seconds_by_phase.get("auto_estimate", 0.0)
+                                                        + time.perf_counter() - t1)
         if share < AUTO_MAX_SHARE:
             self.auto_reason = f"estimated tree work share {share:.3f} < {AUTO_MAX_SHARE}: tree"
             return "tree"
         self.auto_reason = f"estimated tree work share {share:.3f} >= {AUTO_MAX_SHARE}: brute force"
         self.tree = None
         self._searcher = None
-        for phase in ("tree_split", "tree_summaries"):
+        for phase in ("tree_split", "tree_summaries", "tree_layout"):
             self.build_seconds_by_phase["tree_discarded"] = (self.build_seconds_by_phase.get("tree_discarded", 0.0)
                                                              + self.build_seconds_by_phase.pop(phase, 0.0))
         return "brute"
@@ -304,26 +312,29 @@ class _ProblemView:
 
 
 def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | None = None) -> float:
-    """Work share of one select pass (plain mode, k = AUTO_K) over AUTO_TILES compact runs of points.
+    """Work share of select passes (plain mode, k = AUTO_K) over AUTO_TILES compact runs of points.
 
     Runs of AUTO_SAMPLE / AUTO_TILES points consecutive along the Hilbert curve, from fixed-seed
-    random starts, are tiles as a full query of all points forms them. Work = block pairs +
-    brute-routed evaluations + bound dot products, per (query, candidate) pair.
+    random starts, are tiles as a full query of all points forms them (one select pass each).
+    Work = block pairs + brute-routed evaluations + bound dot products, per (query, candidate) pair.
     """
     curve = hilbert_order(prob.coords / prob.lengthscales, *searcher.box)
     per = max(1, AUTO_SAMPLE // AUTO_TILES)
     starts = np.random.default_rng(0).integers(0, max(prob.n - per, 0) + 1, AUTO_TILES)
-    rows = np.unique(np.concatenate([curve[s:s + per] for s in starts])).astype(np.int64)
     k = min(AUTO_K, prob.n - 1)
-    batch = QueryBatch(prob.coords[rows], prob.v[rows], prob.p[rows], prob.v_norms[rows], rows,
-                       np.full(rows.size, prob.n, dtype=np.int64))
     tel = Telemetry()
     t0 = time.perf_counter()
-    searcher.select(batch, initial_keep(k), brute_select, tel, k=k)
-    pairs = rows.size * (prob.n - 1)
+    nq = 0
+    for s in starts:
+        rows = np.sort(curve[s:s + per]).astype(np.int64)
+        nq += rows.size
+        batch = QueryBatch(prob.coords[rows], prob.v[rows], prob.p[rows], prob.v_norms[rows], rows,
+                           np.full(rows.size, prob.n, dtype=np.int64))
+        searcher.select(batch, initial_keep(k), brute_select, tel, k=k)
+    pairs = nq * (prob.n - 1)
     share = (tel.block_pairs + tel.brute_evaluations + tel.bound_products) / pairs
     if record is not None:
-        record.update({"sample": int(rows.size), "k": k, "work_share": share,
+        record.update({"sample": nq, "k": k, "work_share": share,
                        "evaluated_share": (tel.block_pairs + tel.brute_evaluations) / pairs,
                        "seconds": time.perf_counter() - t0})
     return share

@@ -41,7 +41,7 @@ from .hilbert import hilbert_order
 from .precision import gamma, kernel_error, query_margins
 
 #: queries per tile (one Numba task each)
-DEFAULT_TILE_SIZE = 64
+DEFAULT_TILE_SIZE = 128
 #: frontier entries popped per round; their children are bounded by one GEMM
 POP_BATCH = 8
 _U = 2.0**-53
