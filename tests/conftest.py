@@ -95,13 +95,8 @@ def seed(request):
     return request.param
 
 
-def check_knn(problem, k, *, backend="cpu", queries=None, query_coords=None, predecessor=False):
-    """Query through ``backend`` and compare with the reference; other backends must also
-    equal "cpu" (identical indices, distances to 1e-12, same evaluation count)."""
-    index = rg.ResidualIndex(problem, backend=backend, method="brute")
-    assert index.backend == backend
-    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
-    assert res.telemetry.backend == backend
+def assert_matches_reference(problem, res, k, *, queries=None, query_coords=None, predecessor=False):
+    """A KnnResult equals the float64 reference brute force for the same queries."""
     if query_coords is not None:
         xq, vq, pq = problem.factors_at(query_coords)
         ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
@@ -110,6 +105,16 @@ def check_knn(problem, k, *, backend="cpu", queries=None, query_coords=None, pre
         ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
                                   queries=queries, predecessor=predecessor)
     assert_knn_equal(*ref, res.indices, res.distances, reference_distance_rows(problem, queries, query_coords))
+
+
+def check_knn(problem, k, *, backend="cpu", queries=None, query_coords=None, predecessor=False):
+    """Query through ``backend`` and compare with the reference; other backends must also
+    equal "cpu" (identical indices, distances to 1e-12, same evaluation count)."""
+    index = rg.ResidualIndex(problem, backend=backend, method="brute")
+    assert index.backend == backend
+    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
+    assert res.telemetry.backend == backend
+    assert_matches_reference(problem, res, k, queries=queries, query_coords=query_coords, predecessor=predecessor)
     if backend != "cpu":
         cpu = rg.ResidualIndex(problem, backend="cpu", method="brute").query(
             k, queries=queries, query_coords=query_coords, predecessor=predecessor)

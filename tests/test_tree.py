@@ -8,7 +8,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import KERNEL_CLASSES, assert_knn_equal, make_problem, reference_distance_rows
+from conftest import KERNEL_CLASSES, assert_matches_reference, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial import cKDTree
@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 import residual_gpu as rg
 from residual_gpu import search
 from residual_gpu.hilbert import hilbert_keys
-from residual_gpu.reference import brute_knn_reference, residual_rho_block
+from residual_gpu.reference import residual_rho_block
 from residual_gpu.telemetry import SCHEMA, SCHEMA_VERSION
 from residual_gpu.tree import build_tree, euclidean_knn
 
@@ -39,14 +39,7 @@ def check(index, k, queries=None, query_coords=None, predecessor=False):
     """Tree result equals the float64 reference (and padding / tie rules)."""
     problem = index.problem
     res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor)
-    if query_coords is not None:
-        xq, vq, pq = problem.factors_at(query_coords)
-        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
-                                  query_coords=xq, query_v=vq, query_p=pq)
-    else:
-        ref = brute_knn_reference(problem.coords, problem.v, problem.p, problem.kernel, k,
-                                  queries=queries, predecessor=predecessor)
-    assert_knn_equal(*ref, res.indices, res.distances, reference_distance_rows(problem, queries, query_coords))
+    assert_matches_reference(problem, res, k, queries=queries, query_coords=query_coords, predecessor=predecessor)
     return res
 
 
