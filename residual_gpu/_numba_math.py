@@ -93,6 +93,22 @@ def accurate_abs_rho(xa, va, pa, xb, vb, pb, scale, kernel_id, variance):
 
 
 @njit(parallel=True, cache=True)
+def row_norms(v):
+    """||V_i|| with a plain sequential sum of squares (no BLAS, no reordering).
+
+    Deterministic: the Rust oracle reproduces it bit for bit, which the tree's parity preset
+    needs (the margins and node summaries depend on it).
+    """
+    out = np.empty(v.shape[0])
+    for i in prange(v.shape[0]):
+        s = 0.0
+        for t in range(v.shape[1]):
+            s += v[i, t] * v[i, t]
+        out[i] = math.sqrt(s)
+    return out
+
+
+@njit(parallel=True, cache=True)
 def residual_variances(v, variance, floor):
     """p_i = max(variance - ||V_i||^2, floor), with ||V_i||^2 from Dot2.
 

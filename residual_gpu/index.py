@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import search
+from ._numba_math import row_norms
 from ._validation import _describe, as_index_array, as_int
 from .backends import QueryBatch, get_backend
 from .errors import IndexFormatError, InvalidArgumentError, InvalidTypeError, ResidualGPUError
@@ -27,7 +28,7 @@ from .problem import ResidualProblem
 from .search import exact_knn, initial_keep
 from .telemetry import Telemetry
 from .tree import DEFAULT_LEAF_SIZE, SearchTree, arrays_digest, build_tree
-from .tree_search import DEFAULT_TILE_SIZE, TreeSearcher
+from .tree_search import DEFAULT_TILE_SIZE, POP_BATCH, TreeSearcher
 
 METHODS = ("auto", "brute", "tree")
 #: ``method="auto"``: below this many points brute force always wins
@@ -44,6 +45,14 @@ AUTO_PRECHECK_N = 4096
 AUTO_VACUOUS_SHARE = 0.9
 #: the pre-check runs only where median(p) < AUTO_PRECHECK_P * variance
 AUTO_PRECHECK_P = 0.01
+#: tree parameter sets. "parity" (docs/tree.md, "Parity preset") is what the Rust oracle
+#: re-implements: small leaves and tiles, fixed-order arithmetic instead of BLAS, accurate block
+#: values and no brute-force routing, so that both engines produce the same tree and counters.
+PRESETS = {
+    "default": {"leaf_size": DEFAULT_LEAF_SIZE, "tile_size": DEFAULT_TILE_SIZE, "pop_batch": POP_BATCH,
+                "sequential": False},
+    "parity": {"leaf_size": 16, "tile_size": 32, "pop_batch": 8, "sequential": True},
+}
 #: saved index files
 INDEX_FORMAT = "residual_gpu.index"
 INDEX_FORMAT_VERSION = 1
@@ -70,11 +79,13 @@ class ResidualIndex:
     ``backend`` ("auto", "cpu", "cuda", "jax") is resolved once here and kept in
     ``self.backend``; ``method`` ("auto", "brute", "tree") likewise in ``self.method``
     (``self.auto_reason`` says why "auto" chose it). The tree (method "tree") is built here,
-    with ``leaf_size`` points per leaf, and searched in tiles of ``tile_size`` queries.
+    with ``leaf_size`` points per leaf, and searched in tiles of ``tile_size`` queries (both
+    default to the ``preset``'s: "default", or "parity", the Rust oracle's reference mode, for
+    method "tree" only).
     """
 
     def __init__(self, problem: ResidualProblem, backend: str = "auto", method: str = "auto", *,
-                 leaf_size: int = DEFAULT_LEAF_SIZE, tile_size: int = DEFAULT_TILE_SIZE,
+                 leaf_size: int | None = None, tile_size: int | None = None, preset: str = "default",
                  progress: bool | None = None, _tree=None):
         if not isinstance(problem, ResidualProblem):
             raise InvalidTypeError(f"problem must be a ResidualProblem, got problem={_describe(problem)}")
@@ -82,8 +93,14 @@ class ResidualIndex:
             raise InvalidTypeError(f"method must be a string, got method={method!r}")
         if method not in METHODS:
             raise InvalidArgumentError(f"method must be one of {list(METHODS)}, got method={method!r}")
-        self.leaf_size = as_int(leaf_size, "leaf_size", low=1)
-        self.tile_size = as_int(tile_size, "tile_size", low=1)
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise InvalidArgumentError(f"preset must be one of {list(PRESETS)}, got preset={preset!r}")
+        if preset != "default" and method != "tree":
+            raise InvalidArgumentError(f"preset={preset!r} configures the tree: it needs method='tree', got method={method!r}")
+        self.preset = preset
+        self._options = PRESETS[preset]
+        self.leaf_size = as_int(self._options["leaf_size"] if leaf_size is None else leaf_size, "leaf_size", low=1)
+        self.tile_size = as_int(self._options["tile_size"] if tile_size is None else tile_size, "tile_size", low=1)
         self.problem = problem
         self._backend = get_backend(backend)
         self.backend = self._backend.name
@@ -99,7 +116,8 @@ class ResidualIndex:
             self.method = "brute"
         elif method == "tree" or _tree is not None:
             self.method = "tree"
-            self._set_tree(_tree if _tree is not None else build_tree(problem, self.leaf_size, progress=progress))
+            self._set_tree(_tree if _tree is not None else build_tree(
+                problem, self.leaf_size, progress=progress, sequential=self._options["sequential"]))
         else:
             self.method = self._choose_method(progress)
         self.build_seconds = float(sum(self.build_seconds_by_phase.values()))
@@ -111,7 +129,8 @@ class ResidualIndex:
         prob = self.problem
         t0 = time.perf_counter()
         self._searcher = TreeSearcher(tree, prob.coords, prob.lengthscales, prob.v, prob.p, prob.kernel,
-                                      tile_size=self.tile_size)
+                                      tile_size=self.tile_size, pop_batch=self._options["pop_batch"],
+                                      sequential=self._options["sequential"])
         # V, coordinates and 1/sqrt(p) copied into tree order
         self.build_seconds_by_phase["tree_layout"] = time.perf_counter() - t0
 
@@ -169,7 +188,7 @@ class ResidualIndex:
                 raise InvalidArgumentError("predecessor=True needs dataset queries; new locations (query_coords) have no order")
             xq, vq, pq = prob.factors_at(query_coords)
             q = xq.shape[0]
-            return QueryBatch(xq, vq, pq, np.sqrt(np.einsum("ij,ij->i", vq, vq)),
+            return QueryBatch(xq, vq, pq, row_norms(vq),
                               np.full(q, -1, dtype=np.int64), np.full(q, prob.n, dtype=np.int64))
         ids = np.arange(prob.n, dtype=np.int64) if queries is None else as_index_array(queries, "queries", n=prob.n)
         limit = ids.copy() if predecessor else np.full(ids.size, prob.n, dtype=np.int64)
@@ -199,8 +218,11 @@ class ResidualIndex:
             telemetry.tree_leaves = tree.leaves
             telemetry.dense_points = int(tree.dense.size)
 
+            # the parity preset routes nothing to brute force (the oracle has only the tree)
+            brute = None if self._options["sequential"] else self._brute_select
+
             def select(sub, keep):
-                return self._searcher.select(sub, keep, self._brute_select, telemetry, k=k)
+                return self._searcher.select(sub, keep, brute, telemetry, k=k)
 
             # spatially compact groups of at most one search chunk each (TreeSearcher.query_groups)
             groups = self._searcher.query_groups(batch, search.QUERY_CHUNK)
@@ -237,6 +259,7 @@ class ResidualIndex:
             "kernel_variance": np.asarray(kern.variance), "jitter": np.asarray(prob.jitter),
             "p_floor": np.asarray(prob.p_floor), "method": np.asarray(self.method),
             "leaf_size": np.asarray(self.leaf_size), "tile_size": np.asarray(self.tile_size),
+            "preset": np.asarray(self.preset),
             "has_inducing": np.asarray(prob.inducing is not None),
             "inducing": prob.inducing if prob.inducing is not None else np.zeros((0, prob.d)),
         }
@@ -281,6 +304,7 @@ class ResidualIndex:
             method = str(data["method"])
             leaf_size = int(data["leaf_size"])
             saved_tile = int(data["tile_size"])
+            preset = str(data["preset"]) if "preset" in data else "default"
         except (KeyError, ValueError, TypeError) as exc:
             raise IndexFormatError(f"{path!r} is malformed: {exc}") from exc
         except ResidualGPUError as exc:
@@ -290,8 +314,10 @@ class ResidualIndex:
             tree = SearchTree.from_arrays(data, n=problem.n, d=problem.d, m=problem.m)
         elif method != "brute":
             raise IndexFormatError(f"{path!r} has unknown method {method!r}")
+        if preset not in PRESETS:
+            raise IndexFormatError(f"{path!r} has unknown preset {preset!r}")
         return cls(problem, backend=backend, method=method, leaf_size=leaf_size,
-                   tile_size=saved_tile if tile_size is None else tile_size, _tree=tree)
+                   tile_size=saved_tile if tile_size is None else tile_size, preset=preset, _tree=tree)
 
     def __repr__(self) -> str:
         return f"ResidualIndex({self.problem!r}, backend={self.backend!r}, method={self.method!r})"
@@ -308,7 +334,7 @@ class _ProblemView:
         self.n = rows.size
         self.lengthscales = problem.lengthscales
         self.kernel = problem.kernel
-        self._chol = getattr(problem, "_chol", None)
+        self.chol = problem.chol
 
 
 def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | None = None) -> float:

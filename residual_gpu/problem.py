@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from ._numba_math import residual_variances
+from ._numba_math import residual_variances, row_norms
 from ._validation import as_float_matrix, as_float_vector, as_int
 from .errors import InvalidArgumentError, InvalidTypeError
 from .inducing import kmeanspp_indices
@@ -124,12 +124,18 @@ class ResidualProblem:
         kuu = self.kernel(u)
         kuu[np.diag_indices_from(kuu)] += self.jitter * self.kernel.variance
         try:
-            self._chol = scipy.linalg.cholesky(kuu, lower=True, check_finite=False)
+            self._chol = _frozen(scipy.linalg.cholesky(kuu, lower=True, check_finite=False))
         except np.linalg.LinAlgError as exc:
             raise InvalidArgumentError(
                 f"K(U, U) + jitter*variance*I is not positive definite with jitter={self.jitter!r}; "
                 "use fewer or more distinct inducing points, or a larger jitter"
             ) from exc
+
+    @property
+    def chol(self) -> np.ndarray | None:
+        """Lower Cholesky factor L of K(U, U) + jitter * variance * I (L V_i = k(U, x_i)), read-only;
+        None when the problem has no inducing points (``from_factors`` without ``inducing``)."""
+        return self._chol
 
     def _solve_cross(self, x):
         """(L^-1 K(U, x))^T for a block of coordinates."""
@@ -141,7 +147,7 @@ class ResidualProblem:
         self.v = _frozen(np.ascontiguousarray(v))
         self.p = _frozen(np.ascontiguousarray(p))
         self.m = self.v.shape[1]
-        self.v_norms = _frozen(np.sqrt(np.einsum("ij,ij->i", self.v, self.v)))
+        self.v_norms = _frozen(row_norms(self.v))
 
     # -- queries at new locations ---------------------------------------------------
     def factors_at(self, query_coords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import scipy.linalg
-from numba import njit
+from numba import njit, prange
 from tqdm.auto import tqdm
 
+from ._numba_math import row_norms
 from .errors import IndexFormatError, InvalidArgumentError
 
 #: version of the saved tree arrays; bump on any layout change
@@ -147,6 +148,23 @@ def _build_kd(idx, x, inv_scale, leaf_size, first_id, start0,
     for c in range(idx.size):
         perm[start0 + c] = work[c]
     return nid
+
+
+@njit(parallel=True, cache=True)
+def _transform_rows_sequential(t, v, y):
+    """z[j, u] = (sum_{w <= u} T[u, w] V[j, w]) * y_j, summed from 0.0 in ascending w.
+
+    The parity preset's replacement for dtrmm: one fixed order, no FMA, so the Rust oracle
+    reproduces the node summaries bit for bit.
+    """
+    z = np.empty(v.shape)
+    for j in prange(v.shape[0]):
+        for u in range(t.shape[0]):
+            s = 0.0
+            for w in range(u + 1):
+                s += t[u, w] * v[j, w]
+            z[j, u] = s * y[j]
+    return z
 
 
 @njit(cache=True)
@@ -332,7 +350,7 @@ class SearchTree:
 
 
 def _summaries(tree: SearchTree, v: np.ndarray, p: np.ndarray, v_norms: np.ndarray, transform: np.ndarray,
-               bar) -> None:
+               bar, sequential: bool) -> None:
     nn = tree.nodes
     m = v.shape[1]
     zlo = np.empty((nn, m))
@@ -355,13 +373,16 @@ def _summaries(tree: SearchTree, v: np.ndarray, p: np.ndarray, v_norms: np.ndarr
         end = int(tree.node_end[leaves[lj - 1]])
         rows = tree.perm[pos:end]
         vc = v[rows]
-        if transform.size:
-            # z = (T V_j) scaled: rows of V T^T
-            z = scipy.linalg.blas.dtrmm(1.0, transform, vc, side=1, lower=1, trans_a=1)
-        else:
-            z = np.array(vc)
         y = y_all[rows]
-        z *= y[:, None]
+        if transform.size and sequential:
+            z = _transform_rows_sequential(transform, vc, y)
+        else:
+            if transform.size:
+                # z = (T V_j) scaled: rows of V T^T
+                z = scipy.linalg.blas.dtrmm(1.0, transform, vc, side=1, lower=1, trans_a=1)
+            else:
+                z = np.array(vc)
+            z *= y[:, None]
         _leaf_minmax(np.ascontiguousarray(z), pos, leaves[li:lj], tree.node_start, tree.node_end, zlo, zhi, y,
                      v_norms[rows], ymin, ymax, zeta)
         bar.update(end - pos)
@@ -375,7 +396,7 @@ def _summaries(tree: SearchTree, v: np.ndarray, p: np.ndarray, v_norms: np.ndarr
     tree.node_ymin = ymin
     tree.node_ymax = ymax
     tree.node_zeta = zeta * (1.0 + 4.0 * _U)
-    tree.node_zabs = np.sqrt(np.einsum("ij,ij->i", zabs, zabs)) * (1.0 + (m + 2) * _U)
+    tree.node_zabs = row_norms(zabs) * (1.0 + (m + 2) * _U)
 
 
 def build_forest(coords: np.ndarray, inv_scale: np.ndarray, tree_points: np.ndarray, bounds: np.ndarray,
@@ -413,15 +434,19 @@ def build_forest(coords: np.ndarray, inv_scale: np.ndarray, tree_points: np.ndar
 
 def transform_of(problem) -> np.ndarray:
     """T with T V_j = k(U, x_j): the Cholesky factor of K_UU + jitter, or (0, 0) (identity)."""
-    chol = getattr(problem, "_chol", None)
+    chol = problem.chol
     if chol is None:
         return np.zeros((0, 0))
     return np.ascontiguousarray(chol)
 
 
 def build_tree(problem, leaf_size: int = DEFAULT_LEAF_SIZE, dense_ratio: float = DENSE_RATIO,
-               progress: bool | None = None) -> SearchTree:
-    """The residual-metric forest of a ResidualProblem (see the module docstring)."""
+               progress: bool | None = None, sequential: bool = False) -> SearchTree:
+    """The residual-metric forest of a ResidualProblem (see the module docstring).
+
+    sequential: compute the summaries with fixed-order loops instead of BLAS (the parity
+    preset: the Rust oracle then builds the same arrays bit for bit; slower).
+    """
     leaf_size = int(leaf_size)
     if leaf_size < 1:
         raise InvalidArgumentError(f"leaf_size must be >= 1, got leaf_size={leaf_size!r}")
@@ -444,7 +469,7 @@ def build_tree(problem, leaf_size: int = DEFAULT_LEAF_SIZE, dense_ratio: float =
                           dense_cut=dense_cut, dense=dense, transform=transform,
                           node_mid=np.zeros((0, 0)), node_rad=np.zeros((0, 0)), node_ymin=np.zeros(0),
                           node_ymax=np.zeros(0), node_zeta=np.zeros(0), node_zabs=np.zeros(0), **arrays)
-        _summaries(tree, problem.v, p, problem.v_norms, transform, bar)
+        _summaries(tree, problem.v, p, problem.v_norms, transform, bar, sequential)
     tree.build_seconds = {"tree_split": t1 - t0, "tree_summaries": time.perf_counter() - t1}
     return tree
 

@@ -34,7 +34,7 @@ import scipy.linalg
 from numba import njit, parallel_chunksize, prange
 from threadpoolctl import threadpool_limits
 
-from ._numba_math import correlation
+from ._numba_math import accurate_abs_rho, correlation, row_norms
 from .backends.base import Candidates, QueryBatch
 from .backends.cpu import _abs_rho_row, _heap_push, _sift_down
 from .hilbert import hilbert_order
@@ -99,6 +99,45 @@ def residual_bound(kernel_id, variance, kerr, eps_d, gam, tnorm, xq, inv_scale, 
     num = max(-lo_num, hi_num)
     u = num * ipq * (1.0 + 16.0 * _U)
     return min(1.0, u)
+
+
+@njit(parallel=True, cache=True)
+def _solve_sequential(t, v):
+    """a = T^-T v_q by back substitution and back = T^T a, row by row, in fixed order (the
+    parity preset's replacement for the LAPACK solve and dtrmm)."""
+    m = t.shape[0]
+    a = np.empty(v.shape)
+    back = np.empty(v.shape)
+    for q in prange(v.shape[0]):
+        for u in range(m - 1, -1, -1):
+            s = v[q, u]
+            for w in range(u + 1, m):
+                s -= t[w, u] * a[q, w]
+            a[q, u] = s / t[u, u]
+        for u in range(m):
+            s = 0.0
+            for w in range(u, m):
+                s += t[w, u] * a[q, w]
+            back[q, u] = s
+    return a, back
+
+
+@njit(cache=True)
+def _sequential_products(amat, absa, mid, rad):
+    """s0 = amat @ mid.T and sr = absa @ rad.T, each entry summed from 0.0 in ascending order
+    (the parity preset's replacement for the two bound GEMMs)."""
+    s0 = np.empty((amat.shape[0], mid.shape[0]))
+    sr = np.empty((amat.shape[0], mid.shape[0]))
+    for i in range(amat.shape[0]):
+        for e in range(mid.shape[0]):
+            a = 0.0
+            b = 0.0
+            for t in range(amat.shape[1]):
+                a += amat[i, t] * mid[e, t]
+                b += absa[i, t] * rad[e, t]
+            s0[i, e] = a
+            sr[i, e] = b
+    return s0, sr
 
 
 @njit(parallel=True, cache=True)
@@ -258,14 +297,23 @@ def _prefix(pidx, start, end, limit):
     return lo - start
 
 
+@njit(cache=True)
+def _accurate_row(kernel_id, variance, xq, vq, pq, pxt, pv, pp, scale, c0, out):
+    """out[b] = the accurate (Dot2) |rho| between the query and point c0 + b: the parity
+    preset's block values. A separate function without fastmath, so no FMA is contracted in."""
+    for b in range(out.shape[0]):
+        out[b] = accurate_abs_rho(xq, vq, pq, pxt[:, c0 + b], pv[c0 + b], pp[c0 + b], scale, kernel_id, variance)
+
+
 @njit(cache=True, fastmath={"contract"})
 def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv,
                 qx, qv, inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf, row,
-                work):
+                work, sequential, qp, pp, scale):
     """Evaluate points [start, end) (index-sorted) for tile rows ``rows[:nrows]``; returns pairs.
 
     Each row takes the admissible prefix (index < limit) and skips itself; the block computed
-    is nrows x (longest prefix), which is what the returned pair count measures.
+    is nrows x (longest prefix), which is what the returned pair count measures. Values are
+    the fast GEMM ones, or with ``sequential`` (the parity preset) the accurate ones.
     """
     keep = heap_a.shape[1]
     width = 0
@@ -274,7 +322,7 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
         width = max(width, c)
     if width == 0:
         return 0
-    if metric == 0:
+    if metric == 0 and not sequential:
         m = qv.shape[1]
         for i in range(nrows):
             r = r0 + rows[i]
@@ -294,7 +342,10 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
         size = count[r]
         me = qself[r]
         if metric == 0:
-            _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[i], vals, work)
+            if sequential:
+                _accurate_row(kernel_id, variance, qx[r], qv[r], qp[r], pxt, pv, pp, scale, start, vals)
+            else:
+                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[i], vals, work)
             dropped = a_dropped[r]
             ka = kth_a[r]
             kn = kth_n[r]
@@ -390,13 +441,13 @@ def _kth_push(ka, size, a):
 # --------------------------------------------------------------------------------------
 # the traversal
 # --------------------------------------------------------------------------------------
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True)  # no FMA contraction: the parity preset's bounds must round as written
 def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, pop_batch, blk_cap,
                    node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
                    node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
                    pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
                    qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
-                   heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters):
+                   heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale):
     """One tile of queries: rows [tile * tile_size, ...) of the query arrays (see the module docstring)."""
     q = qx.shape[0]
     d = qx.shape[1]
@@ -426,7 +477,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
             rows[i] = i
         pairs = _eval_block(metric, kernel_id, variance, rows, nt, r0, zero, didx.shape[0], didx, dxt, dip, dv,
                             qx, qv, inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
-                            qbuf, row, work)
+                            qbuf, row, work, sequential, qp, dp, scale)
         if pairs > 0:
             ctr[C_BLOCKS] += 1
             ctr[C_PAIRS] += pairs
@@ -478,8 +529,11 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                     for t in range(m):
                         midbuf[e, t] = node_mid[nd, t]
                         radbuf[e, t] = node_rad[nd, t]
-                s0 = np.dot(amat, midbuf[:ne].T)
-                sr = np.dot(absa, radbuf[:ne].T)
+                if sequential:
+                    s0, sr = _sequential_products(amat, absa, midbuf[:ne], radbuf[:ne])
+                else:
+                    s0 = np.dot(amat, midbuf[:ne].T)
+                    sr = np.dot(absa, radbuf[:ne].T)
                 ctr[C_BOUND_PRODUCTS] += 2 * ne * nt
             else:
                 s0 = np.zeros((nt, ne))
@@ -556,7 +610,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
             if node_left[nd] < 0:
                 pairs = _eval_block(metric, kernel_id, variance, rows, np.int64(nalive), r0, node_start[nd], node_end[nd],
                                     pidx, pxt, pip, pv, qx, qv, inv_scale, qip, qself, qlimit, heap_a, heap_i,
-                                    count, a_dropped, kth_a, kth_n, qbuf, row, work)
+                                    count, a_dropped, kth_a, kth_n, qbuf, row, work, sequential, qp, pp, scale)
                 had_leaf = True
                 ctr[C_LEAVES] += 1
                 if pairs > 0:
@@ -581,7 +635,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
               node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
               pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
               qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
-              heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters):
+              heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale):
     """All tiles, one Numba task each (dynamic scheduling: tiles differ in cost)."""
     ntiles = (qx.shape[0] + tile_size - 1) // tile_size
     for tile in prange(ntiles):
@@ -590,7 +644,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
                        node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
                        pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
                        qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
-                       heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters)
+                       heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale)
 
 
 # --------------------------------------------------------------------------------------
@@ -600,14 +654,19 @@ class TreeSearcher:
     """A SearchTree bound to its problem's arrays (in tree order), ready to answer selects."""
 
     def __init__(self, tree, coords, lengthscales=None, v=None, p=None, kernel=None,
-                 tile_size: int = DEFAULT_TILE_SIZE, pop_batch: int = POP_BATCH):
+                 tile_size: int = DEFAULT_TILE_SIZE, pop_batch: int = POP_BATCH, sequential: bool = False):
+        """``sequential``: the parity preset's arithmetic (docs/tree.md, "Parity preset"): fixed-order
+        loops instead of BLAS for the query factors and bound products, accurate (Dot2) block
+        values, so that the Rust oracle reproduces every counter bit for bit. Slower."""
         self.tree = tree
+        self.sequential = bool(sequential)
         self.metric = 0 if tree.metric == "residual" else 1
         self.tile_size = int(tile_size)
         self.pop_batch = int(pop_batch)
         coords = np.ascontiguousarray(coords, dtype=np.float64)
         d = coords.shape[1]
-        self.inv_scale = np.ones(d) if lengthscales is None else 1.0 / np.asarray(lengthscales, dtype=np.float64)
+        self.scale = np.ones(d) if lengthscales is None else np.asarray(lengthscales, dtype=np.float64)
+        self.inv_scale = 1.0 / self.scale
         perm = tree.perm
         dense = tree.dense
         leaf_sizes = (tree.node_end - tree.node_start)[tree.node_left < 0]
@@ -624,23 +683,26 @@ class TreeSearcher:
             self.kernel_id = kernel.kernel_id
             m = v.shape[1]
             ip = 1.0 / np.sqrt(p)
+            self.pp = p[perm]
+            self.dp = p[dense]
             self.pip = ip[perm]
             self.pv = np.ascontiguousarray(v[perm])
             self.dip = ip[dense]
             self.dv = np.ascontiguousarray(v[dense])
             t = tree.transform
-            self.tnorm = float(np.linalg.norm(t)) * (1.0 + (m + 2) * _U) if t.size else math.sqrt(m)
+            self.tnorm = float(row_norms(t.reshape(1, -1))[0]) * (1.0 + (m + 2) * _U) if t.size else math.sqrt(m)
             self.kerr = kernel_error(d) * self.variance
             self.eps_d = 4.0 * (d + 8) * _U
             self.gam = 2.0 * gamma(m + 4)
             self.mid, self.rad = tree.node_mid, tree.node_rad
             # the problem-wide maxima search.exact_knn feeds to query_margins
-            self.w_max = float(np.max(np.sqrt(np.einsum("ij,ij->i", v, v)) * ip)) if v.shape[0] else 0.0
+            self.w_max = float(np.max(row_norms(v) * ip)) if v.shape[0] else 0.0
             self.ip_max = float(np.max(ip)) if v.shape[0] else 0.0
         else:
             self.kernel_id = 0
             self.variance = 1.0
-            self.pip = np.zeros(perm.size)
+            self.pip = self.pp = np.zeros(perm.size)
+            self.dp = np.zeros(0)
             self.pv = np.zeros((perm.size, 0))
             self.dip = np.zeros(0)
             self.dv = np.zeros((0, 0))
@@ -652,29 +714,33 @@ class TreeSearcher:
         """(a_q = T^-T V_q, bound on ||V_q - T^T a_q||, ||a_q||) for query rows v."""
         t = self.tree.transform
         m = v.shape[1]
+        grow = 1.0 + (m + 2) * _U
         if not t.size:
             a = np.array(v)
-            na = np.sqrt(np.einsum("ij,ij->i", a, a)) * (1.0 + (m + 2) * _U)
-            return a, np.zeros(v.shape[0]), na
-        a = scipy.linalg.solve_triangular(t, v.T, lower=True, trans="T", check_finite=False).T
-        a = np.ascontiguousarray(a)
-        back = scipy.linalg.blas.dtrmm(1.0, t, a, side=1, lower=1, trans_a=0)  # rows a_q^T T = (T^T a_q)^T
-        res = v - back
-        na = np.sqrt(np.einsum("ij,ij->i", a, a)) * (1.0 + (m + 2) * _U)
-        rn = np.sqrt(np.einsum("ij,ij->i", res, res)) * (1.0 + (m + 2) * _U) + self.gam * self.tnorm * na
+            return a, np.zeros(v.shape[0]), row_norms(a) * grow
+        if self.sequential:
+            a, back = _solve_sequential(t, np.ascontiguousarray(v))
+        else:
+            a = scipy.linalg.solve_triangular(t, v.T, lower=True, trans="T", check_finite=False).T
+            a = np.ascontiguousarray(a)
+            back = scipy.linalg.blas.dtrmm(1.0, t, a, side=1, lower=1, trans_a=0)  # rows a_q^T T = (T^T a_q)^T
+        na = row_norms(a) * grow
+        rn = row_norms(v - back) * grow + self.gam * self.tnorm * na
         return a, rn, na
 
     # -- the select pass -------------------------------------------------------------
-    def run(self, qx, qv, qip, qself, qlimit, keep: int, qa=None, qrn=None, qna=None, k=None, qmarg=None):
+    def run(self, qx, qv, qp, qself, qlimit, keep: int, qa=None, qrn=None, qna=None, k=None, qmarg=None):
         """Raw traversal over queries (in any order); returns heaps, a_dropped, counter totals.
 
+        qp: the queries' residual variances (ones for the Euclidean metric).
         Residual metric: pruning compares bounds with the k-th largest value minus twice
         ``qmarg`` (k = keep when not given, with zero margins); Euclidean: with the heap minimum.
         """
         q = qx.shape[0]
         order = hilbert_order(qx * self.inv_scale, *self.box) if q > 1 else np.arange(q)
         take = lambda a: np.ascontiguousarray(a[order])
-        qx_o, qv_o, qip_o, qself_o, qlim_o = take(qx), take(qv), take(qip), take(qself), take(qlimit)
+        qx_o, qv_o, qp_o, qself_o, qlim_o = take(qx), take(qv), take(qp), take(qself), take(qlimit)
+        qip_o = 1.0 / np.sqrt(qp_o)
         if self.metric == 0:
             qa_o, qrn_o, qna_o = take(qa), take(qrn), take(qna)
             kk = keep if k is None else min(int(k), keep)
@@ -700,7 +766,7 @@ class TreeSearcher:
                           tr.node_zeta, tr.node_zabs, tr.roots, tr.root_lo, self.pidx, self.pxt, self.pip, self.pv,
                           self.didx, self.dxt, self.dip, self.dv, self.inv_scale, qx_o, qv_o, qa_o, qip_o, qrn_o,
                           qna_o, qmarg_o, qself_o, qlim_o, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
-                          counters)
+                          counters, self.sequential, qp_o, self.pp, self.dp, self.scale)
         inv = np.empty(q, dtype=np.int64)
         inv[order] = np.arange(q)
         totals = {name: int(counters[:, c].max() if name in ("frontier_max", "block_pairs_max") else counters[:, c].sum())
@@ -768,7 +834,7 @@ class TreeSearcher:
             sub = batch.take(tree_rows) if tree_rows.size < q else batch
             qa, qrn, qna = self.query_factors(sub.v)
             t1 = time.perf_counter()
-            ha, hi, ad, totals = self.run(sub.coords, sub.v, 1.0 / np.sqrt(sub.p), sub.self_index, sub.limit, keep,
+            ha, hi, ad, totals = self.run(sub.coords, sub.v, sub.p, sub.self_index, sub.limit, keep,
                                           qa, qrn, qna, k=k, qmarg=None if k is None else self.margins(sub))
             index[tree_rows] = hi
             abs_rho[tree_rows] = ha
@@ -812,7 +878,7 @@ def euclidean_search(tree, coords, k: int, queries=None, query_coords=None, tile
         qself = ids
         k = as_int(k, "k", low=1, high=max(n - 1, 1))
     q = qx.shape[0]
-    ha, hi, _, _ = searcher.run(qx, np.zeros((q, 0)), np.zeros(q), qself, np.full(q, n, dtype=np.int64), k)
+    ha, hi, _, _ = searcher.run(qx, np.zeros((q, 0)), np.ones(q), qself, np.full(q, n, dtype=np.int64), k)
     dist2 = -ha
     # rank by (distance, index)
     order = np.lexsort((hi, dist2), axis=1) if q else np.zeros((0, k), dtype=np.int64)
