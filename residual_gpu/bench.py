@@ -13,7 +13,7 @@ import numpy as np
 from threadpoolctl import threadpool_info
 
 from . import __version__
-from .errors import BackendUnavailableError, InvalidArgumentError
+from .errors import InvalidArgumentError
 from .index import ResidualIndex
 from .problem import ResidualProblem
 from .suites import get_suite
@@ -146,38 +146,70 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_parity(name: str, n: int | None = None, backend: str = "auto") -> dict:
-    """One suite on the Python engine (brute force) and on the Rust oracle, side by side.
+def run_parity(name: str, n: int | None = None, backend: str = "auto", methods=("brute", "tree")) -> dict:
+    """One suite on the Python engine and on the Rust oracle, side by side.
 
-    Needs the oracle (``pip install ./rust_ref``). Reports, per mode, both timings, how many
-    result rows have identical indices and the largest distance difference.
+    Needs the oracle (``pip install ./rust_ref``). Method "brute": the engine's brute force
+    against the oracle's; "tree": the engine's tree in the ``parity`` preset against the
+    oracle's re-implementation (also comparing the tree arrays and every telemetry counter).
+    Reports, per method and mode, both timings, how many result rows have identical indices,
+    the largest distance difference, and which tree arrays and counters differ.
     """
-    try:
-        import residual_gpu_ref as oracle
-    except ImportError as exc:
-        raise BackendUnavailableError("the Rust oracle is not installed: pip install ./rust_ref") from exc
+    from .index import PRESETS
+    from .parity import (
+        counter_mismatches,
+        load_oracle,
+        oracle_brute_knn,
+        oracle_tree_build,
+        oracle_tree_knn,
+        tree_mismatches,
+    )
+
+    oracle = load_oracle()
     case = get_suite(name, n)
     problem = ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
-    index = ResidualIndex(problem, backend=backend, method="brute")
     queries = np.arange(case.n, dtype=np.int64) if case.queries is None else case.queries.astype(np.int64)
+    preset = PRESETS["parity"]
     rows = []
-    for predecessor in case.modes:
-        index.query(case.k, queries=queries[:8], predecessor=predecessor, progress=False)  # JIT warm-up
-        t0 = time.perf_counter()
-        ours = index.query(case.k, queries=queries, predecessor=predecessor, progress=False)
-        t1 = time.perf_counter()
-        ref_idx, ref_dist = oracle.brute_knn(
-            problem.coords, problem.v, problem.p, kernel=problem.kernel.name, lengthscale=problem.lengthscales,
-            variance=problem.kernel.variance, k=case.k, queries=queries, predecessor=predecessor)
-        t2 = time.perf_counter()
-        finite = ref_idx >= 0
-        rows.append({
-            "predecessor": predecessor, "engine_seconds": t1 - t0, "oracle_seconds": t2 - t1,
-            "rows_identical": int(np.all(ours.indices == ref_idx, axis=1).sum()), "rows": int(queries.size),
-            "max_abs_distance_difference": float(np.max(np.abs(ours.distances[finite] - ref_dist[finite]),
-                                                        initial=0.0)),
-        })
-    return {"suite": case.name, "n": case.n, "k": case.k, "backend": index.backend,
+    engine_backend = backend
+    for method in methods:
+        if method not in ("brute", "tree"):
+            raise InvalidArgumentError(f"methods must hold 'brute' or 'tree', got {method!r}")
+        extra = {}
+        if method == "brute":
+            index = ResidualIndex(problem, backend=backend, method="brute")
+        else:
+            index = ResidualIndex(problem, backend=backend, method="tree", preset="parity")
+            t0 = time.perf_counter()
+            theirs = oracle_tree_build(oracle, problem, preset)
+            extra = {"oracle_build_seconds": time.perf_counter() - t0, "engine_build_seconds": index.build_seconds,
+                     "tree_arrays_differing": tree_mismatches(index.tree, theirs)}
+        engine_backend = index.backend
+        for predecessor in case.modes:
+            index.query(case.k, queries=queries[:8], predecessor=predecessor, progress=False)  # JIT warm-up
+            t0 = time.perf_counter()
+            ours = index.query(case.k, queries=queries, predecessor=predecessor, progress=False)
+            t1 = time.perf_counter()
+            if method == "brute":
+                ref_idx, ref_dist = oracle_brute_knn(oracle, problem, case.k, queries, predecessor)
+                counters = {}
+            else:
+                ref_idx, ref_dist, counters = oracle_tree_knn(oracle, problem, case.k, queries, predecessor, preset)
+            t2 = time.perf_counter()
+            finite = ref_idx >= 0
+            row = {
+                "method": method, "predecessor": predecessor, "engine_seconds": t1 - t0, "oracle_seconds": t2 - t1,
+                "rows_identical": int(np.all(ours.indices == ref_idx, axis=1).sum()), "rows": int(queries.size),
+                "max_abs_distance_difference": float(np.max(np.abs(ours.distances[finite] - ref_dist[finite]),
+                                                            initial=0.0)),
+            }
+            if method == "tree":
+                row.update(extra)
+                row["counters_differing"] = {k: list(v) for k, v in counter_mismatches(ours.telemetry, counters).items()}
+                row["engine_counters"] = {k: int(getattr(ours.telemetry, k)) for k in counters}
+                row["oracle_counters"] = {k: int(v) for k, v in counters.items()}
+            rows.append(row)
+    return {"suite": case.name, "n": case.n, "k": case.k, "backend": engine_backend,
             "oracle_version": getattr(oracle, "__version__", "?"), "median_p": float(np.median(problem.p)),
             "rows": rows}
 
@@ -185,8 +217,24 @@ def run_parity(name: str, n: int | None = None, backend: str = "auto") -> dict:
 def format_parity(result: dict) -> str:
     lines = [f"parity suite={result['suite']} n={result['n']} k={result['k']} median_p={result['median_p']:.3g} "
              f"engine backend={result['backend']} oracle=residual_gpu_ref {result['oracle_version']}",
-             "predecessor | engine_s | oracle_s | rows with identical indices | max |d_engine - d_oracle|"]
+             ("method | predecessor | engine_s | oracle_s | rows with identical indices | max |d_engine - d_oracle| "
+              "| tree arrays | counters")]
     for r in result["rows"]:
-        lines.append(f"{r['predecessor']} | {r['engine_seconds']:.2f} | {r['oracle_seconds']:.2f} | "
-                     f"{r['rows_identical']}/{r['rows']} | {r['max_abs_distance_difference']:.2e}")
+        tree_col = counters_col = "-"
+        if r["method"] == "tree":
+            bad = r["tree_arrays_differing"]
+            tree_col = "identical" if not bad else "DIFFER: " + ", ".join(bad)
+            diff = r["counters_differing"]
+            counters_col = (f"{len(r['oracle_counters'])} identical" if not diff
+                            else "DIFFER: " + ", ".join(f"{k} {v[0]} vs {v[1]}" for k, v in diff.items()))
+        lines.append(f"{r['method']} | {r['predecessor']} | {r['engine_seconds']:.2f} | {r['oracle_seconds']:.2f} | "
+                     f"{r['rows_identical']}/{r['rows']} | {r['max_abs_distance_difference']:.2e} | {tree_col} | "
+                     f"{counters_col}")
+    tree_rows = [r for r in result["rows"] if r["method"] == "tree"]
+    if tree_rows:
+        lines.append("tree counters (engine = oracle unless marked), predecessor=" + str(tree_rows[-1]["predecessor"]) + ":")
+        last = tree_rows[-1]
+        lines.append("  " + ", ".join(f"{k}={v}" + ("" if k not in last["counters_differing"] else
+                                                      f" (oracle {last['oracle_counters'][k]})")
+                                       for k, v in last["engine_counters"].items()))
     return "\n".join(lines)

@@ -138,13 +138,15 @@ def bench(suite, n, methods, backend, repeats, as_json):
 @click.option("--suite", type=click.Choice(sorted(SUITES)), default="gold", show_default=True)
 @click.option("--n", type=int, default=None, help="Override the suite's number of points.")
 @click.option("--backend", type=str, default="auto", show_default=True)
+@click.option("--method", "methods", type=click.Choice(["brute", "tree"]), multiple=True,
+              help="Compare brute force, the tree in the parity preset, or both (default: both).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-def parity(suite, n, backend, as_json):
+def parity(suite, n, backend, methods, as_json):
     """Run a suite on the Python engine and on the Rust oracle and compare them."""
     from .bench import format_parity, run_parity
 
     try:
-        result = run_parity(suite, n=n, backend=backend)
+        result = run_parity(suite, n=n, backend=backend, methods=methods or ("brute", "tree"))
     except ResidualGPUError as exc:
         _fail(exc)
     click.echo(json.dumps(result, indent=2) if as_json else format_parity(result))

@@ -284,6 +284,32 @@ def test_save_load_round_trip(tmp_path, method):
             np.testing.assert_array_equal(getattr(index.tree, name), getattr(loaded.tree, name))
 
 
+def test_parity_preset_is_exact_persisted_and_validated(tmp_path):
+    """The oracle's reference mode (fixed-order arithmetic) is an exact tree search too."""
+    problem = make_problem(12, 400, 3, rg.Matern52(lengthscale=0.2), 24, duplicates=10)
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", preset="parity")
+    assert (index.preset, index.leaf_size, index.tile_size) == ("parity", 16, 32)
+    default = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=16, tile_size=32)
+    # same splits; the summaries differ only in the rounding of the transform
+    np.testing.assert_array_equal(index.tree.perm, default.tree.perm)
+    np.testing.assert_allclose(index.tree.node_mid, default.tree.node_mid, rtol=0, atol=1e-12)
+    for predecessor in (False, True):
+        res = index.query(7, predecessor=predecessor)
+        assert_matches_reference(problem, res, 7, predecessor=predecessor)
+        assert res.telemetry.brute_queries == 0  # the preset routes nothing to brute force
+    path = tmp_path / "parity.npz"
+    index.save(path)
+    loaded = rg.ResidualIndex.load(path, backend="cpu")
+    assert loaded.preset == "parity"
+    a, b = index.query(5), loaded.query(5)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.telemetry.block_pairs == b.telemetry.block_pairs
+    with pytest.raises(rg.InvalidArgumentError, match="preset='parity'.*method='tree'"):
+        rg.ResidualIndex(problem, backend="cpu", method="brute", preset="parity")
+    with pytest.raises(rg.InvalidArgumentError, match="preset must be one of.*'fast'"):
+        rg.ResidualIndex(problem, backend="cpu", method="tree", preset="fast")
+
+
 def _rewrite(src, dst, **changes):
     with np.load(src, allow_pickle=False) as npz:
         data = {name: npz[name] for name in npz.files}
