@@ -1,0 +1,106 @@
+"""Cost per (query, candidate) pair of the tree's leaf blocks against brute force's GEMM.
+
+    python scripts/tree_block_cost.py [--n 32768] [--leaves 200]
+
+On one thread, for the `vif` suite: one tile of 128 queries evaluates the first ``--leaves``
+leaves of the tree with 128, 70 (the measured average) and 30 alive rows, through the
+traversal's own block evaluator (`tree_search._eval_block`: gather of the alive V rows, GEMM,
+fused kernel transform, heap pushes), next to the same gather + GEMM alone, the GEMM alone,
+and one large GEMM of the tile against 12,800 candidates (brute force's shape). Every number
+is nanoseconds per pair, medians of 5 runs in this process, so the ratios are what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from numba import njit
+from threadpoolctl import threadpool_limits
+
+import residual_gpu as rg
+from residual_gpu import tree_search
+from residual_gpu.suites import get_suite
+
+
+@njit(cache=True)
+def _gather_gemm(rows, nrows, qv, pv, starts, ends, qbuf, gather):
+    pairs = 0
+    for li in range(starts.size):
+        s0 = starts[li]
+        w = ends[li] - s0
+        if gather:
+            for i in range(nrows):
+                for t in range(qv.shape[1]):
+                    qbuf[i, t] = qv[rows[i], t]
+            np.dot(qbuf[:nrows], pv[s0:s0 + w].T)
+        else:
+            np.dot(qv[:nrows], pv[s0:s0 + w].T)
+        pairs += nrows * w
+    return pairs
+
+
+def _ns_per_pair(fn, repeats=5):
+    times = []
+    pairs = 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pairs = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / pairs * 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=32768)
+    ap.add_argument("--leaves", type=int, default=200)
+    args = ap.parse_args()
+    case = get_suite("vif", args.n)
+    prob = rg.ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
+    index = rg.ResidualIndex(prob, backend="cpu", method="tree", progress=False)
+    s, tr = index._searcher, index.tree
+    q, n = 128, prob.n
+    rows_q = np.arange(n // 2, n // 2 + q)
+    qx, qv, qp = prob.coords[rows_q], np.ascontiguousarray(prob.v[rows_q]), prob.p[rows_q]
+    qip, qself, qlimit = 1.0 / np.sqrt(qp), rows_q.copy(), np.full(q, n, dtype=np.int64)
+    keep = case.k + max(8, case.k // 2)
+    # steady state: full heaps whose minimum most values fall below
+    heap_a, heap_i = np.full((q, keep), 0.5), np.zeros((q, keep), dtype=np.int64)
+    count, a_dropped = np.full(q, keep, dtype=np.int64), np.full(q, -1.0)
+    kth_a, kth_n = np.full((q, case.k), 0.5), np.full(q, case.k, dtype=np.int64)
+    leaves = np.flatnonzero(tr.node_left < 0)[:args.leaves]
+    starts, ends = tr.node_start[leaves], tr.node_end[leaves]
+    qbuf, row, work = np.empty((q, prob.m)), np.empty(s.blk_cap), np.empty((3, s.blk_cap))
+    sel = np.arange(q, dtype=np.int64)
+
+    def blocks(nrows):
+        pairs = 0
+        for a, b in zip(starts, ends):
+            pairs += tree_search._eval_block(
+                0, s.kernel_id, s.variance, sel, np.int64(nrows), np.int64(0), a, b, s.pidx, s.pxt, s.pip, s.pv,
+                qx, qv, s.inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf,
+                row, work, False, qp, s.pp, s.scale)
+        return pairs
+
+    big = np.ascontiguousarray(s.pv[:12800])
+    with threadpool_limits(1):
+        blocks(q)
+        _gather_gemm(sel, q, qv, s.pv, starts, ends, qbuf, True)
+        print(f"vif n={n}, m={prob.m}, leaves of ~{np.mean(ends - starts):.0f} points, one thread; ns per pair")
+        print("alive rows | tree block (all steps) | gather + GEMM | GEMM alone")
+        for nrows in (128, 70, 30):
+            full = _ns_per_pair(lambda: blocks(nrows))
+            gg = _ns_per_pair(lambda: _gather_gemm(sel, nrows, qv, s.pv, starts, ends, qbuf, True))
+            g = _ns_per_pair(lambda: _gather_gemm(sel, nrows, qv, s.pv, starts, ends, qbuf, False))
+            print(f"{nrows} | {full:.1f} | {gg:.1f} | {g:.1f}")
+
+        def one_gemm():
+            qv @ big.T
+            return q * big.shape[0]
+
+        print(f"brute-force shape GEMM (128 x {prob.m}) @ ({prob.m} x 12800): {_ns_per_pair(one_gemm):.1f}")
+
+
+if __name__ == "__main__":
+    main()
