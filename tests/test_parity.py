@@ -2,7 +2,8 @@
 
 Deterministic problems (1,000 points, 64 queries, k = 1..10, d in {1, 2, 3, 8}, several
 seeds and kernels, predecessor on and off). The engines must return identical indices in
-the same order and distances equal to 1e-12. The inducing points are locations off the
+the same order and distances equal to 1e-12; the tree in the ``parity`` preset must also be
+built identically (every array bitwise) and report identical telemetry counters. The inducing points are locations off the
 data (a seeded uniform sample), so every p is a sizeable share of the variance and 1e-12
 on distances is well inside what float64 can promise (docs/precision.md).
 
@@ -17,6 +18,9 @@ import numpy as np
 import pytest
 
 import residual_gpu as rg
+from residual_gpu.index import PRESETS
+from residual_gpu.parity import (counter_mismatches, oracle_brute_knn, oracle_tree_build, oracle_tree_knn,
+                                 tree_mismatches)
 
 try:
     import residual_gpu_ref as oracle
@@ -44,10 +48,17 @@ def parity_problem(seed, d, kernel, lengthscale):
     return rg.ResidualProblem(x, kernel=kernel(lengthscale=lengthscale, variance=1.3), inducing=u)
 
 
+PARITY = PRESETS["parity"]
+
+
 def oracle_knn(problem, k, queries, predecessor):
-    return oracle.brute_knn(problem.coords, problem.v, problem.p, kernel=problem.kernel.name,
-                            lengthscale=problem.lengthscales, variance=problem.kernel.variance, k=k,
-                            queries=queries, predecessor=predecessor)
+    return oracle_brute_knn(oracle, problem, k, queries, predecessor)
+
+
+def parity_queries(seed):
+    queries = np.random.default_rng(seed + 200).integers(0, 1000, 64).astype(np.int64)
+    queries[:4] = [0, 1, 500, 999]  # first points (padding in predecessor mode) and a duplicate
+    return queries
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,8 +66,7 @@ def oracle_knn(problem, k, queries, predecessor):
 @pytest.mark.parametrize("case", CASES, ids=[f"seed{c[0]}-d{c[1]}-{c[2].__name__}" for c in CASES])
 def test_engine_matches_oracle(backend, predecessor, case):
     problem = parity_problem(*case)
-    queries = np.random.default_rng(case[0] + 200).integers(0, 1000, 64).astype(np.int64)
-    queries[:4] = [0, 1, 500, 999]  # first points (padding in predecessor mode) and a duplicate
+    queries = parity_queries(case[0])
     index = rg.ResidualIndex(problem, backend=backend, method="brute")
     assert index.backend == backend
     for k in (1, 4, 10):
@@ -79,3 +89,58 @@ def test_distance_blocks_match_oracle():
 
     ours = residual_distance_reference(problem.coords, problem.v, problem.p, problem.kernel, rows, cols)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
+def assert_tree_parity(index, problem, k, queries, predecessor):
+    """Engine (parity preset) and oracle: same neighbours, distances, counters; both exact."""
+    res = index.query(k, queries=queries, predecessor=predecessor)
+    ref_idx, ref_dist, counters = oracle_tree_knn(oracle, problem, k, queries, predecessor, PARITY)
+    np.testing.assert_array_equal(res.indices, ref_idx)
+    finite = ref_idx >= 0
+    np.testing.assert_allclose(res.distances[finite], ref_dist[finite], rtol=0, atol=1e-12)
+    assert counter_mismatches(res.telemetry, counters) == {}
+    # and both are the exact answer (the oracle's brute force)
+    brute_idx, _ = oracle_knn(problem, k, queries, predecessor)
+    np.testing.assert_array_equal(ref_idx, brute_idx)
+    return res, counters
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
+@pytest.mark.parametrize("case", CASES, ids=[f"seed{c[0]}-d{c[1]}-{c[2].__name__}" for c in CASES])
+def test_tree_matches_oracle(backend, predecessor, case):
+    problem = parity_problem(*case)
+    index = rg.ResidualIndex(problem, backend=backend, method="tree", preset="parity")
+    assert tree_mismatches(index.tree, oracle_tree_build(oracle, problem, PARITY)) == []
+    queries = parity_queries(case[0])
+    for k in (1, 4, 10):
+        res, counters = assert_tree_parity(index, problem, k, queries, predecessor)
+        # the counters are not vacuous: the tree pruned and evaluated
+        assert counters["prunes_bound"] > 0 and 0 < counters["block_pairs"] < queries.size * 999
+
+
+@pytest.mark.parametrize("variant", ["inducing-in-data", "no-inducing", "all-points"])
+def test_tree_matches_oracle_special_problems(variant):
+    """Tiny p (inducing points among the data: a dense set, tiny-p queries, retries), the identity
+    transform (factors without inducing points) and every point as a query."""
+    rng = np.random.default_rng(11)
+    x = rng.random((1000, 2))
+    x[700:710] = x[:10]
+    kern = rg.Matern32(lengthscale=0.1, variance=0.8)
+    queries = parity_queries(11)
+    if variant == "inducing-in-data":
+        problem = rg.ResidualProblem(x, kernel=kern, inducing=x[::40].copy())
+    elif variant == "no-inducing":
+        base = rg.ResidualProblem(x, kernel=kern, inducing=np.random.default_rng(12).random((16, 2)))
+        problem = rg.ResidualProblem.from_factors(x, v=base.v, p=base.p, kernel=kern)
+        assert problem.chol is None
+    else:
+        problem = parity_problem(*CASES[1])
+        queries = None
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", preset="parity")
+    assert tree_mismatches(index.tree, oracle_tree_build(oracle, problem, PARITY)) == []
+    if variant == "inducing-in-data":
+        assert index.tree.dense.size > 0
+    for predecessor in (False, True):
+        for k in (2, 9):
+            assert_tree_parity(index, problem, k, queries, predecessor)

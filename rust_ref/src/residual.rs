@@ -231,14 +231,31 @@ impl<'a> ResidualProblem<'a> {
         &self.params
     }
 
+    /// Coordinates, row-major (n, d).
+    pub fn coords_slice(&self) -> &[f64] {
+        self.coords.as_slice().expect("standard layout")
+    }
+
+    /// V, row-major (n, m).
+    pub fn v_slice(&self) -> &[f64] {
+        self.v.as_slice().expect("standard layout")
+    }
+
+    /// Residual variances p (n,).
+    pub fn p_slice(&self) -> &[f64] {
+        self.p.as_slice().expect("standard layout")
+    }
+
+    /// Coordinates of point i.
     #[inline(always)]
-    fn x(&self, i: usize) -> &[f64] {
+    pub fn x(&self, i: usize) -> &[f64] {
         let d = self.dim();
         &self.coords.as_slice().expect("standard layout")[i * d..(i + 1) * d]
     }
 
+    /// Row i of V.
     #[inline(always)]
-    fn vrow(&self, i: usize) -> &[f64] {
+    pub fn vrow(&self, i: usize) -> &[f64] {
         let m = self.rank();
         &self.v.as_slice().expect("standard layout")[i * m..(i + 1) * m]
     }
