@@ -12,6 +12,7 @@ In CI (CI=true) the oracle must be built: a missing crate fails instead of skipp
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -144,3 +145,27 @@ def test_tree_matches_oracle_special_problems(variant):
     for predecessor in (False, True):
         for k in (2, 9):
             assert_tree_parity(index, problem, k, queries, predecessor)
+
+
+def test_parity_command_reports_identical_engines():
+    """`residual-gpu parity` runs both methods on a suite and reports no divergence."""
+    from click.testing import CliRunner
+
+    from residual_gpu.cli import main
+    from residual_gpu.parity import PARITY_COUNTERS
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["parity", "--suite", "smoke", "--n", "700", "--backend", "cpu", "--json"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {(r["method"], r["predecessor"]) for r in data["rows"]} == {("brute", True), ("tree", True)}
+    for row in data["rows"]:
+        assert row["rows_identical"] == row["rows"] == 700
+        assert row["max_abs_distance_difference"] <= 1e-12
+        if row["method"] == "tree":
+            assert row["tree_arrays_differing"] == [] and row["counters_differing"] == {}
+            assert set(row["oracle_counters"]) == set(PARITY_COUNTERS)
+    table = runner.invoke(main, ["parity", "--suite", "smoke", "--n", "300", "--method", "tree", "--backend", "cpu"])
+    assert table.exit_code == 0, table.output
+    assert "| identical | 21 identical" in table.output
