@@ -20,8 +20,13 @@ import pytest
 
 import residual_gpu as rg
 from residual_gpu.index import PRESETS
-from residual_gpu.parity import (counter_mismatches, oracle_brute_knn, oracle_tree_build, oracle_tree_knn,
-                                 tree_mismatches)
+from residual_gpu.parity import (
+    counter_mismatches,
+    oracle_brute_knn,
+    oracle_tree_build,
+    oracle_tree_knn,
+    tree_mismatches,
+)
 
 try:
     import residual_gpu_ref as oracle
@@ -115,7 +120,7 @@ def test_tree_matches_oracle(backend, predecessor, case):
     assert tree_mismatches(index.tree, oracle_tree_build(oracle, problem, PARITY)) == []
     queries = parity_queries(case[0])
     for k in (1, 4, 10):
-        res, counters = assert_tree_parity(index, problem, k, queries, predecessor)
+        _, counters = assert_tree_parity(index, problem, k, queries, predecessor)
         # the counters are not vacuous: the tree pruned and evaluated
         assert counters["prunes_bound"] > 0 and 0 < counters["block_pairs"] < queries.size * 999
 
