@@ -45,6 +45,17 @@ pub fn random_problem_arrays(
     m: usize,
     kernel: Kernel,
 ) -> ProblemArrays {
+    random_problem_with_factor(seed, n, d, m, kernel).0
+}
+
+/// [`random_problem_arrays`] and its Cholesky factor L (the tree's transform T).
+pub fn random_problem_with_factor(
+    seed: u64,
+    n: usize,
+    d: usize,
+    m: usize,
+    kernel: Kernel,
+) -> (ProblemArrays, Array2<f64>) {
     let mut rng = SplitMix64::new(seed);
     let x = Array2::from_shape_simple_fn((n, d), || rng.uniform());
     let u = Array2::from_shape_simple_fn((m, d), || rng.uniform());
@@ -76,5 +87,5 @@ pub fn random_problem_arrays(
         }
     }
     let p = Array1::from_iter(v.rows().into_iter().map(|r| (1.3 - r.dot(&r)).max(1e-10)));
-    (x, v, p, params)
+    ((x, v, p, params), l)
 }

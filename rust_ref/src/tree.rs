@@ -561,7 +561,7 @@ pub fn build_tree(
 pub(crate) mod tests {
     use super::*;
     use crate::kernels::Kernel;
-    use crate::test_util::{random_problem_arrays, SplitMix64};
+    use crate::test_util::random_problem_with_factor;
     use ndarray::{Array1, Array2};
 
     #[test]
@@ -588,7 +588,7 @@ pub(crate) mod tests {
         assert_eq!(block_bounds(16 * 1000 + 1, 1)[1], 1001);
     }
 
-    /// A random problem with a Cholesky factor T of K_UU + jitter (as `random_problem_arrays`
+    /// A random problem with a Cholesky factor T of K_UU + jitter (as `random_problem_with_factor`
     /// builds it), inducing points off the data, optional duplicates and tiny-p points.
     pub(crate) struct TestProblem {
         pub x: Array2<f64>,
@@ -605,26 +605,7 @@ pub(crate) mod tests {
         m: usize,
         kern: Kernel,
     ) -> TestProblem {
-        let (x, v, p, params) = random_problem_arrays(seed, n, d, m, kern);
-        // rebuild L as random_problem_arrays does (same seed: same u)
-        let mut rng = SplitMix64::new(seed);
-        for _ in 0..n * d {
-            rng.uniform();
-        }
-        let u = Array2::from_shape_simple_fn((m, d), || rng.uniform());
-        let mut l = Array2::<f64>::zeros((m, m));
-        for a in 0..m {
-            for b in 0..=a {
-                let mut s = params.cov_view(u.row(a), u.row(b));
-                if a == b {
-                    s += 1e-6 * 1.3;
-                }
-                for c in 0..b {
-                    s -= l[[a, c]] * l[[b, c]];
-                }
-                l[[a, b]] = if a == b { s.sqrt() } else { s / l[[b, b]] };
-            }
-        }
+        let ((x, v, p, params), l) = random_problem_with_factor(seed, n, d, m, kern);
         TestProblem {
             x,
             v,
