@@ -66,10 +66,31 @@ def dot2(a, b):
     s = 0.0
     c = 0.0
     for t in range(a.shape[0]):
-        h, e = two_prod(a[t], b[t])
-        s, q = two_sum(s, h)
-        c += q + e
+        s, c = _dot2_step(s, c, a[t], b[t])
     return s, c
+
+
+@njit(inline="always", cache=True)
+def _dot2_step(s, c, x, y):
+    h, e = two_prod(x, y)
+    s, q = two_sum(s, h)
+    return s, c + (q + e)
+
+
+@njit(inline="always", cache=True)
+def dot2x4(a, b0, b1, b2, b3):
+    """``dot2`` of a with four vectors at once: four independent chains, each performing
+    exactly dot2's operations in dot2's order (so each result is bitwise dot2's), interleaved
+    so the CPU overlaps their latencies. Returns (hi0, lo0, hi1, lo1, hi2, lo2, hi3, lo3)."""
+    s0 = s1 = s2 = s3 = 0.0
+    c0 = c1 = c2 = c3 = 0.0
+    for t in range(a.shape[0]):
+        x = a[t]
+        s0, c0 = _dot2_step(s0, c0, x, b0[t])
+        s1, c1 = _dot2_step(s1, c1, x, b1[t])
+        s2, c2 = _dot2_step(s2, c2, x, b2[t])
+        s3, c3 = _dot2_step(s3, c3, x, b3[t])
+    return s0, c0, s1, c1, s2, c2, s3, c3
 
 
 @njit(inline="always", cache=True)
@@ -87,9 +108,28 @@ def accurate_abs_rho(xa, va, pa, xb, vb, pb, scale, kernel_id, variance):
     """|rho| for one pair, with Dot2 for V_a.V_b: the parity path's value, clamped to [0, 1]."""
     kval = variance * correlation(kernel_id, scaled_sq_distance(xa, xb, scale))
     hi, lo = dot2(va, vb)
+    return _finish_abs_rho(kval, hi, lo, pa, pb)
+
+
+@njit(inline="always", cache=True)
+def _finish_abs_rho(kval, hi, lo, pa, pb):
     c = (kval - hi) - lo
     rho = abs(c) / math.sqrt(pa * pb)
     return min(1.0, rho)
+
+
+@njit(inline="always", cache=True)
+def accurate_abs_rho4(xa, va, pa, x, v, p, j0, j1, j2, j3, scale, kernel_id, variance, out, at):
+    """out[at + i] = accurate_abs_rho(xa, va, pa, x[ji], v[ji], p[ji], ...) for i = 0..3,
+    bitwise, with the four Dot2 chains interleaved (dot2x4): certification's inner loop."""
+    h0, l0, h1, l1, h2, l2, h3, l3 = dot2x4(va, v[j0], v[j1], v[j2], v[j3])
+    out[at] = _finish_abs_rho(variance * correlation(kernel_id, scaled_sq_distance(xa, x[j0], scale)), h0, l0, pa, p[j0])
+    out[at + 1] = _finish_abs_rho(variance * correlation(kernel_id, scaled_sq_distance(xa, x[j1], scale)), h1, l1, pa,
+                                  p[j1])
+    out[at + 2] = _finish_abs_rho(variance * correlation(kernel_id, scaled_sq_distance(xa, x[j2], scale)), h2, l2, pa,
+                                  p[j2])
+    out[at + 3] = _finish_abs_rho(variance * correlation(kernel_id, scaled_sq_distance(xa, x[j3], scale)), h3, l3, pa,
+                                  p[j3])
 
 
 @njit(parallel=True, cache=True)

@@ -27,7 +27,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._numba_math import accurate_abs_rho
+from ._numba_math import accurate_abs_rho, accurate_abs_rho4
 
 
 @njit(inline="always", cache=True)
@@ -62,10 +62,18 @@ def certify_and_rank(k, cand_index, cand_a, a_dropped, margin, qx, qv, qp, x, v,
         cont_idx = np.empty(n_cont, dtype=np.int64)
         cont_dist = np.empty(n_cont)
         for c in range(n_cont):
-            j = idx[order[c]]
-            cont_idx[c] = j
-            acc = accurate_abs_rho(qx[r], qv[r], qp[r], x[j], v[j], p[j], scale, kernel_id, variance)
-            cont_dist[c] = math.sqrt(1.0 - acc)
+            cont_idx[c] = idx[order[c]]
+        # the accurate values four at a time (the same bits as one at a time, faster)
+        c = 0
+        while c + 4 <= n_cont:
+            accurate_abs_rho4(qx[r], qv[r], qp[r], x, v, p, cont_idx[c], cont_idx[c + 1], cont_idx[c + 2],
+                              cont_idx[c + 3], scale, kernel_id, variance, cont_dist, c)
+            c += 4
+        for c in range(c, n_cont):
+            j = cont_idx[c]
+            cont_dist[c] = accurate_abs_rho(qx[r], qv[r], qp[r], x[j], v[j], p[j], scale, kernel_id, variance)
+        for c in range(n_cont):
+            cont_dist[c] = math.sqrt(1.0 - cont_dist[c])
         accurate_evals[r] = n_cont
         # equal distances go to the smaller index: stable sort on index first
         by_index = np.argsort(cont_idx, kind="mergesort")
