@@ -28,7 +28,7 @@ from .problem import ResidualProblem
 from .search import exact_knn, initial_keep
 from .telemetry import Telemetry
 from .tree import DEFAULT_LEAF_SIZE, SearchTree, arrays_digest, build_tree
-from .tree_search import DEFAULT_TILE_SIZE, POP_BATCH, TreeSearcher
+from .tree_search import DEFAULT_TILE_SIZE, LEAF_PRECISIONS, POP_BATCH, TreeSearcher
 
 METHODS = ("auto", "brute", "tree")
 #: ``method="auto"``: below this many points brute force always wins
@@ -50,8 +50,8 @@ AUTO_PRECHECK_P = 0.01
 #: values and no brute-force routing, so that both engines produce the same tree and counters.
 PRESETS = {
     "default": {"leaf_size": DEFAULT_LEAF_SIZE, "tile_size": DEFAULT_TILE_SIZE, "pop_batch": POP_BATCH,
-                "sequential": False},
-    "parity": {"leaf_size": 16, "tile_size": 32, "pop_batch": 8, "sequential": True},
+                "sequential": False, "leaf_precision": "auto"},
+    "parity": {"leaf_size": 16, "tile_size": 32, "pop_batch": 8, "sequential": True, "leaf_precision": "float64"},
 }
 #: saved index files
 INDEX_FORMAT = "residual_gpu.index"
@@ -79,14 +79,15 @@ class ResidualIndex:
     ``backend`` ("auto", "cpu", "cuda", "jax") is resolved once here and kept in
     ``self.backend``; ``method`` ("auto", "brute", "tree") likewise in ``self.method``
     (``self.auto_reason`` says why "auto" chose it). The tree (method "tree") is built here,
-    with ``leaf_size`` points per leaf, and searched in tiles of ``tile_size`` queries (both
-    default to the ``preset``'s: "default", or "parity", the Rust oracle's reference mode, for
-    method "tree" only).
+    with ``leaf_size`` points per leaf, and searched in tiles of ``tile_size`` queries, its leaf
+    blocks' fast values in ``leaf_precision`` ("auto", "float64" or "float32"; docs/tree.md,
+    section 4a). All three default to the ``preset``'s: "default", or "parity", the Rust
+    oracle's reference mode, for method "tree" only.
     """
 
     def __init__(self, problem: ResidualProblem, backend: str = "auto", method: str = "auto", *,
                  leaf_size: int | None = None, tile_size: int | None = None, preset: str = "default",
-                 progress: bool | None = None, _tree=None):
+                 leaf_precision: str | None = None, progress: bool | None = None, _tree=None):
         if not isinstance(problem, ResidualProblem):
             raise InvalidTypeError(f"problem must be a ResidualProblem, got problem={_describe(problem)}")
         if not isinstance(method, str):
@@ -101,6 +102,15 @@ class ResidualIndex:
         self._options = PRESETS[preset]
         self.leaf_size = as_int(self._options["leaf_size"] if leaf_size is None else leaf_size, "leaf_size", low=1)
         self.tile_size = as_int(self._options["tile_size"] if tile_size is None else tile_size, "tile_size", low=1)
+        if leaf_precision is None:
+            leaf_precision = self._options["leaf_precision"]
+        if not isinstance(leaf_precision, str) or leaf_precision not in LEAF_PRECISIONS:
+            raise InvalidArgumentError(f"leaf_precision must be one of {list(LEAF_PRECISIONS)}, "
+                                       f"got leaf_precision={leaf_precision!r}")
+        if self._options["sequential"] and leaf_precision != "float64":
+            raise InvalidArgumentError(f"preset={preset!r} evaluates float64 values only, got "
+                                       f"leaf_precision={leaf_precision!r}")
+        self.leaf_precision = leaf_precision
         self.problem = problem
         self._backend = get_backend(backend)
         self.backend = self._backend.name
@@ -130,7 +140,7 @@ class ResidualIndex:
         t0 = time.perf_counter()
         self._searcher = TreeSearcher(tree, prob.coords, prob.lengthscales, prob.v, prob.p, prob.kernel,
                                       tile_size=self.tile_size, pop_batch=self._options["pop_batch"],
-                                      sequential=self._options["sequential"])
+                                      sequential=self._options["sequential"], leaf_precision=self.leaf_precision)
         # V, coordinates and 1/sqrt(p) copied into tree order
         self.build_seconds_by_phase["tree_layout"] = time.perf_counter() - t0
 
@@ -217,25 +227,40 @@ class ResidualIndex:
             telemetry.tree_nodes = tree.nodes
             telemetry.tree_leaves = tree.leaves
             telemetry.dense_points = int(tree.dense.size)
+            telemetry.leaf_precision = self._searcher.leaf_precision
 
-            # the parity preset routes nothing to brute force (the oracle has only the tree)
-            brute = None if self._options["sequential"] else self._brute_select
+            idx = np.empty((batch.size, k), dtype=np.int64)
+            dist = np.empty((batch.size, k))
+            # queries the tree would route to brute force (tiny p) are answered together by one
+            # brute-force search: a few of them per tree group would stream all of V each time.
+            # The parity preset routes nothing (the oracle has only the tree).
+            routed = (np.zeros(batch.size, dtype=np.bool_) if self._options["sequential"]
+                      else self._searcher.routed(batch))
+            if routed.any():
+                rows = np.flatnonzero(routed)
+                before = telemetry.distance_evaluations
+                t1 = time.perf_counter()
+                idx[rows], dist[rows] = exact_knn(self._brute_select, self.problem, batch.take(rows), k, telemetry,
+                                                  False)
+                telemetry.brute_queries += int(rows.size)
+                telemetry.brute_evaluations += telemetry.distance_evaluations - before
+                telemetry.add_seconds("brute_routed", time.perf_counter() - t1)
+                batch = batch.take(np.flatnonzero(~routed))
+            tree_rows = np.flatnonzero(~routed)
 
             def select(sub, keep):
-                return self._searcher.select(sub, keep, brute, telemetry, k=k)
+                return self._searcher.select(sub, keep, None, telemetry, k=k)
 
             # spatially compact groups of at most one search chunk each (TreeSearcher.query_groups)
             groups = self._searcher.query_groups(batch, search.QUERY_CHUNK)
-            idx = np.empty((batch.size, k), dtype=np.int64)
-            dist = np.empty((batch.size, k))
             disable = True if progress is False or (progress is None and len(groups) <= 1) else (
                 None if progress is None else False)
             with tqdm(total=batch.size, unit="query", disable=disable, leave=False, delay=1.0,
                       desc=f"residual kNN (tree, {self.backend})") as bar:
                 for rows in groups:
                     gi, gd = exact_knn(select, self.problem, batch.take(rows), k, telemetry, False)
-                    idx[rows] = gi
-                    dist[rows] = gd
+                    idx[tree_rows[rows]] = gi
+                    dist[tree_rows[rows]] = gd
                     bar.update(rows.size)
         else:
             idx, dist = exact_knn(self._brute_select, self.problem, batch, k, telemetry, progress)
@@ -259,7 +284,7 @@ class ResidualIndex:
             "kernel_variance": np.asarray(kern.variance), "jitter": np.asarray(prob.jitter),
             "p_floor": np.asarray(prob.p_floor), "method": np.asarray(self.method),
             "leaf_size": np.asarray(self.leaf_size), "tile_size": np.asarray(self.tile_size),
-            "preset": np.asarray(self.preset),
+            "preset": np.asarray(self.preset), "leaf_precision": np.asarray(self.leaf_precision),
             "has_inducing": np.asarray(prob.inducing is not None),
             "inducing": prob.inducing if prob.inducing is not None else np.zeros((0, prob.d)),
         }
@@ -305,6 +330,7 @@ class ResidualIndex:
             leaf_size = int(data["leaf_size"])
             saved_tile = int(data["tile_size"])
             preset = str(data["preset"]) if "preset" in data else "default"
+            leaf_precision = str(data["leaf_precision"]) if "leaf_precision" in data else None
         except (KeyError, ValueError, TypeError) as exc:
             raise IndexFormatError(f"{path!r} is malformed: {exc}") from exc
         except ResidualGPUError as exc:
@@ -317,7 +343,8 @@ class ResidualIndex:
         if preset not in PRESETS:
             raise IndexFormatError(f"{path!r} has unknown preset {preset!r}")
         return cls(problem, backend=backend, method=method, leaf_size=leaf_size,
-                   tile_size=saved_tile if tile_size is None else tile_size, preset=preset, _tree=tree)
+                   tile_size=saved_tile if tile_size is None else tile_size, preset=preset,
+                   leaf_precision=leaf_precision, _tree=tree)
 
     def __repr__(self) -> str:
         return f"ResidualIndex({self.problem!r}, backend={self.backend!r}, method={self.method!r})"

@@ -67,7 +67,8 @@ def exact_knn(select: Callable[[QueryBatch, int], Candidates], problem, batch: Q
         t0 = time.perf_counter()
         cand = select(sub, keep)
         t1 = time.perf_counter()
-        margin = query_margins(sub.v_norms, sub.p, w_max, ip_max, problem.m, problem.d, problem.kernel.variance)
+        margin = cand.margin if cand.margin is not None else query_margins(
+            sub.v_norms, sub.p, w_max, ip_max, problem.m, problem.d, problem.kernel.variance)
         idx = np.empty((sub.size, k), dtype=np.int64)
         dist = np.empty((sub.size, k))
         ok = np.zeros(sub.size, dtype=np.bool_)

@@ -44,6 +44,13 @@ from .precision import gamma, kernel_error, query_margins
 DEFAULT_TILE_SIZE = 128
 #: frontier entries popped per round; their children are bounded by one GEMM
 POP_BATCH = 8
+LEAF_PRECISIONS = ("auto", "float64", "float32")
+#: leaf_precision="auto" uses float32 leaf blocks when this quantile of the tree points'
+#: float32 margins (in |rho|, as queries) is below FLOAT32_MAX_MARGIN; queries whose own margin
+#: exceeds it are routed to the backend's float64 brute force like tiny-p queries, so
+#: certification still separates the k-th neighbour from the dropped candidates
+FLOAT32_QUANTILE = 0.9
+FLOAT32_MAX_MARGIN = 1e-2
 _U = 2.0**-53
 NOADM = -np.inf
 
@@ -80,7 +87,7 @@ def box_distances(xq, inv_scale, lo, hi):
 
 
 @njit(inline="always", cache=True)
-def residual_bound(kernel_id, variance, kerr, eps_d, gam, tnorm, xq, inv_scale, ipq, rnq, naq,
+def residual_bound(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, xq, inv_scale, ipq, rnq, naq,
                    lo, hi, ymin, ymax, zeta, zabs, s0, sr):
     """Upper bound on |rho_qj| for every j of a node (docs/tree.md, "The bound").
 
@@ -93,7 +100,7 @@ def residual_bound(kernel_id, variance, kerr, eps_d, gam, tnorm, xq, inv_scale, 
     kmin = max(kmin, 0.0)
     ky_hi = kmax * ymax * (1.0 + 4.0 * _U)
     ky_lo = kmin * ymin * (1.0 - 4.0 * _U)
-    err = zeta * (rnq + gam * naq * tnorm) + 2.0 * gam * naq * zabs + 4.0 * _U * (abs(s0) + sr)
+    err = zeta * (rnq + gam * naq * tnorm) + 2.0 * gam_prod * naq * zabs + 4.0 * _U * (abs(s0) + sr)
     hi_num = ky_hi - s0 + sr + err
     lo_num = ky_lo - s0 - sr - err
     num = max(-lo_num, hi_num)
@@ -126,8 +133,8 @@ def _solve_sequential(t, v):
 def _sequential_products(amat, absa, mid, rad):
     """s0 = amat @ mid.T and sr = absa @ rad.T, each entry summed from 0.0 in ascending order
     (the parity preset's replacement for the two bound GEMMs)."""
-    s0 = np.empty((amat.shape[0], mid.shape[0]))
-    sr = np.empty((amat.shape[0], mid.shape[0]))
+    s0 = np.empty((amat.shape[0], mid.shape[0]), dtype=mid.dtype)
+    sr = np.empty((amat.shape[0], mid.shape[0]), dtype=mid.dtype)
     for i in range(amat.shape[0]):
         for e in range(mid.shape[0]):
             a = 0.0
@@ -141,11 +148,12 @@ def _sequential_products(amat, absa, mid, rad):
 
 
 @njit(parallel=True, cache=True)
-def _bound_matrix(kernel_id, variance, kerr, eps_d, gam, tnorm, node_lo, node_hi, node_ymin, node_ymax, node_zeta,
-                  node_zabs, s0, sr, qx, inv_scale, qip, qrn, qna, out):
+def _bound_matrix(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, node_lo, node_hi, node_ymin, node_ymax,
+                  node_zeta, node_zabs, s0, sr, qx, inv_scale, qip, qrn, qna, out):
     for i in prange(qx.shape[0]):
         for nd in range(node_lo.shape[0]):
-            out[i, nd] = residual_bound(kernel_id, variance, kerr, eps_d, gam, tnorm, qx[i], inv_scale, qip[i], qrn[i],
+            out[i, nd] = residual_bound(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, qx[i], inv_scale, qip[i],
+                                        qrn[i],
                                         qna[i], node_lo[nd], node_hi[nd], node_ymin[nd], node_ymax[nd], node_zeta[nd],
                                         node_zabs[nd], s0[i, nd], sr[i, nd])
 
@@ -330,7 +338,7 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
                 qbuf[i, t] = qv[r, t]
         g = np.dot(qbuf[:nrows], pv[start:start + width].T)
     else:
-        g = np.empty((1, 1))
+        g = np.empty((1, 1), dtype=qbuf.dtype)
     for i in range(nrows):
         r = r0 + rows[i]
         w = _prefix(pidx, start, end, qlimit[r])
@@ -447,7 +455,8 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                    node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
                    pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
                    qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
-                   heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale):
+                   heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
+                   qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod):
     """One tile of queries: rows [tile * tile_size, ...) of the query arrays (see the module docstring)."""
     q = qx.shape[0]
     d = qx.shape[1]
@@ -459,6 +468,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
     row = np.empty(blk_cap)
     work = np.empty((3, blk_cap))
     qbuf = np.empty((nt, max(m, 1)))
+    qbuf_fast = np.empty((nt, max(m, 1)), dtype=qv_fast.dtype)
     rows = np.empty(nt, dtype=np.int64)
     # tile box (raw coordinates) for the frontier key
     tlo = np.empty(d)
@@ -485,7 +495,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
             ctr[C_PAIRS_MAX] = max(ctr[C_PAIRS_MAX], pairs)
     if roots.shape[0] == 0:
         return
-    amat = qa[r0:r1]
+    amat = qa_fast[r0:r1]  # float32 with float32 leaves (the bound's gam_prod covers it)
     absa = np.abs(amat)
     # 2. frontier and expansion buffers
     cap = 64
@@ -502,8 +512,8 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
     ecap = max(2 * pop_batch, roots.shape[0])
     enode = np.empty(ecap, dtype=np.int64)
     emask = np.zeros((ecap, nt), dtype=np.bool_)
-    midbuf = np.empty((ecap, max(m, 1)))
-    radbuf = np.empty((ecap, max(m, 1)))
+    midbuf = np.empty((ecap, max(m, 1)), dtype=mid_fast.dtype)
+    radbuf = np.empty((ecap, max(m, 1)), dtype=mid_fast.dtype)
     ub = np.empty(nt)
     ne = 0
     for b in range(roots.shape[0]):
@@ -527,8 +537,8 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                 for e in range(ne):
                     nd = enode[e]
                     for t in range(m):
-                        midbuf[e, t] = node_mid[nd, t]
-                        radbuf[e, t] = node_rad[nd, t]
+                        midbuf[e, t] = mid_fast[nd, t]
+                        radbuf[e, t] = rad_fast[nd, t]
                 if sequential:
                     s0, sr = _sequential_products(amat, absa, midbuf[:ne], radbuf[:ne])
                 else:
@@ -536,7 +546,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                     sr = np.dot(absa, radbuf[:ne].T)
                 ctr[C_BOUND_PRODUCTS] += 2 * ne * nt
             else:
-                s0 = np.zeros((nt, ne))
+                s0 = np.zeros((nt, ne), dtype=midbuf.dtype)
                 sr = s0
             for e in range(ne):
                 nd = enode[e]
@@ -551,7 +561,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                         ctr[C_PRUNE_PRED] += 1
                         continue
                     if metric == 0:
-                        u = residual_bound(kernel_id, variance, kerr, eps_d, gam, tnorm, qx[r], inv_scale,
+                        u = residual_bound(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, qx[r], inv_scale,
                                            qip[r], qrn[r], qna[r], node_lo[nd], node_hi[nd], node_ymin[nd],
                                            node_ymax[nd], node_zeta[nd], node_zabs[nd], s0[i, e], sr[i, e])
                     else:
@@ -608,9 +618,10 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
             if nalive == 0:
                 continue
             if node_left[nd] < 0:
+                # the leaves' fast values may run in float32 (qv_fast, pv_fast); the dense block never does
                 pairs = _eval_block(metric, kernel_id, variance, rows, np.int64(nalive), r0, node_start[nd], node_end[nd],
-                                    pidx, pxt, pip, pv, qx, qv, inv_scale, qip, qself, qlimit, heap_a, heap_i,
-                                    count, a_dropped, kth_a, kth_n, qbuf, row, work, sequential, qp, pp, scale)
+                                    pidx, pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a, heap_i,
+                                    count, a_dropped, kth_a, kth_n, qbuf_fast, row, work, sequential, qp, pp, scale)
                 had_leaf = True
                 ctr[C_LEAVES] += 1
                 if pairs > 0:
@@ -635,7 +646,8 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
               node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
               pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
               qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
-              heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale):
+              heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
+              qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod):
     """All tiles, one Numba task each (dynamic scheduling: tiles differ in cost)."""
     ntiles = (qx.shape[0] + tile_size - 1) // tile_size
     for tile in prange(ntiles):
@@ -644,7 +656,8 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
                        node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
                        pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
                        qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
-                       heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale)
+                       heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
+                       qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod)
 
 
 # --------------------------------------------------------------------------------------
@@ -654,10 +667,19 @@ class TreeSearcher:
     """A SearchTree bound to its problem's arrays (in tree order), ready to answer selects."""
 
     def __init__(self, tree, coords, lengthscales=None, v=None, p=None, kernel=None,
-                 tile_size: int = DEFAULT_TILE_SIZE, pop_batch: int = POP_BATCH, sequential: bool = False):
+                 tile_size: int = DEFAULT_TILE_SIZE, pop_batch: int = POP_BATCH, sequential: bool = False,
+                 leaf_precision: str = "auto"):
         """``sequential``: the parity preset's arithmetic (docs/tree.md, "Parity preset"): fixed-order
         loops instead of BLAS for the query factors and bound products, accurate (Dot2) block
-        values, so that the Rust oracle reproduces every counter bit for bit. Slower."""
+        values, so that the Rust oracle reproduces every counter bit for bit. Slower.
+
+        ``leaf_precision``: "float64", "float32" (leaf blocks' V products in single precision,
+        with the wider certified margin of ``margins``) or "auto": float32 where that margin is
+        small for most points (FLOAT32_MAX_MARGIN), float64 otherwise and always in the
+        sequential mode. The dense block is always float64 (its tiny p would make float32's
+        margin useless)."""
+        if leaf_precision not in LEAF_PRECISIONS:
+            raise ValueError(f"leaf_precision must be one of {list(LEAF_PRECISIONS)}, got {leaf_precision!r}")
         self.tree = tree
         self.sequential = bool(sequential)
         self.metric = 0 if tree.metric == "residual" else 1
@@ -695,9 +717,27 @@ class TreeSearcher:
             self.eps_d = 4.0 * (d + 8) * _U
             self.gam = 2.0 * gamma(m + 4)
             self.mid, self.rad = tree.node_mid, tree.node_rad
-            # the problem-wide maxima search.exact_knn feeds to query_margins
-            self.w_max = float(np.max(row_norms(v) * ip)) if v.shape[0] else 0.0
+            # the problem-wide maxima search.exact_knn feeds to query_margins, and the maxima
+            # over the tree's points (the candidates of the float32 leaf blocks)
+            vn = row_norms(v)
+            w = vn * ip
+            self.w_max = float(np.max(w)) if v.shape[0] else 0.0
             self.ip_max = float(np.max(ip)) if v.shape[0] else 0.0
+            self.w_max_tree = float(np.max(w[perm], initial=0.0))
+            self.ip_max_tree = float(np.max(ip[perm], initial=0.0))
+            if leaf_precision == "auto":
+                typical = (np.quantile(self._float32_margins(vn[perm], p[perm]), FLOAT32_QUANTILE)
+                           if perm.size else 0.0)
+                leaf_precision = "float32" if typical < FLOAT32_MAX_MARGIN and not self.sequential else "float64"
+            if self.sequential and leaf_precision == "float32":
+                raise ValueError("the sequential (parity) mode evaluates accurate float64 values")
+            self.leaf_precision = leaf_precision
+            fast = np.float32 if leaf_precision == "float32" else np.float64
+            # float32 leaves: the leaf blocks' V rows and the bound products' summaries in float32
+            # (gam_prod: their rounding, as docs/tree.md section 4a derives)
+            self.pv_fast = self.pv.astype(fast)
+            self.mid_fast, self.rad_fast = self.mid.astype(fast), self.rad.astype(fast)
+            self.gam_prod = 2.0 * gamma(m + 4, fast)
         else:
             self.kernel_id = 0
             self.variance = 1.0
@@ -708,6 +748,9 @@ class TreeSearcher:
             self.dv = np.zeros((0, 0))
             self.tnorm = self.kerr = self.eps_d = self.gam = 0.0
             self.mid = self.rad = np.zeros((tree.nodes, 0))
+            self.leaf_precision = "float64"
+            self.pv_fast = self.pv
+            self.mid_fast, self.rad_fast, self.gam_prod = self.mid, self.rad, 0.0
 
     # -- per-query factors ---------------------------------------------------------
     def query_factors(self, v: np.ndarray):
@@ -749,6 +792,9 @@ class TreeSearcher:
             qa_o = np.zeros((q, 0))
             qrn_o = qna_o = qmarg_o = np.zeros(q)
             kk = 0
+        qv_fast, qa_fast = qv_o, qa_o
+        if self.leaf_precision == "float32":
+            qv_fast, qa_fast = qv_o.astype(np.float32), qa_o.astype(np.float32)
         kth_a = np.full((q, kk), -np.inf)
         kth_n = np.zeros(q, dtype=np.int64)
         heap_a = np.full((q, keep), -np.inf if self.metric else -1.0)
@@ -766,24 +812,33 @@ class TreeSearcher:
                           tr.node_zeta, tr.node_zabs, tr.roots, tr.root_lo, self.pidx, self.pxt, self.pip, self.pv,
                           self.didx, self.dxt, self.dip, self.dv, self.inv_scale, qx_o, qv_o, qa_o, qip_o, qrn_o,
                           qna_o, qmarg_o, qself_o, qlim_o, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
-                          counters, self.sequential, qp_o, self.pp, self.dp, self.scale)
+                          counters, self.sequential, qp_o, self.pp, self.dp, self.scale, qv_fast, self.pv_fast, qa_fast,
+                          self.mid_fast, self.rad_fast, self.gam_prod)
         inv = np.empty(q, dtype=np.int64)
         inv[order] = np.arange(q)
         totals = {name: int(counters[:, c].max() if name in ("frontier_max", "block_pairs_max") else counters[:, c].sum())
                   for c, name in enumerate(COUNTERS)}
         return heap_a[inv], heap_i[inv], a_dropped[inv], totals
 
-    def node_bounds(self, qx: np.ndarray, qv: np.ndarray, qp: np.ndarray) -> np.ndarray:
+    def node_bounds(self, qx: np.ndarray, qv: np.ndarray, qp: np.ndarray, fast: bool = False) -> np.ndarray:
         """U[i, node]: the traversal's upper bound on |rho| between query i and every point of
-        the node (the residual metric; for tests and docs/tree.md)."""
+        the node (the residual metric; for tests and docs/tree.md). ``fast``: with the bound
+        products in the leaf precision, as the traversal computes them (float64 otherwise)."""
         qa, qrn, qna = self.query_factors(qv)
-        s0 = np.ascontiguousarray(qa @ self.mid.T)
-        sr = np.ascontiguousarray(np.abs(qa) @ self.rad.T)
+        if fast:
+            qa_f = qa.astype(self.mid_fast.dtype)
+            s0 = (qa_f @ self.mid_fast.T).astype(np.float64)
+            sr = (np.abs(qa_f) @ self.rad_fast.T).astype(np.float64)
+            gam_prod = self.gam_prod
+        else:
+            s0 = np.ascontiguousarray(qa @ self.mid.T)
+            sr = np.ascontiguousarray(np.abs(qa) @ self.rad.T)
+            gam_prod = self.gam
         tr = self.tree
         out = np.empty((qx.shape[0], tr.nodes))
-        _bound_matrix(self.kernel_id, self.variance, self.kerr, self.eps_d, self.gam, self.tnorm, tr.node_lo, tr.node_hi,
-                      tr.node_ymin, tr.node_ymax, tr.node_zeta, tr.node_zabs, s0, sr, np.ascontiguousarray(qx),
-                      self.inv_scale, 1.0 / np.sqrt(qp), qrn, qna, out)
+        _bound_matrix(self.kernel_id, self.variance, self.kerr, self.eps_d, self.gam, gam_prod, self.tnorm, tr.node_lo,
+                      tr.node_hi, tr.node_ymin, tr.node_ymax, tr.node_zeta, tr.node_zabs, s0, sr,
+                      np.ascontiguousarray(qx), self.inv_scale, 1.0 / np.sqrt(qp), qrn, qna, out)
         return out
 
     def query_groups(self, batch: QueryBatch, size: int) -> list:
@@ -808,24 +863,47 @@ class TreeSearcher:
             groups.extend(np.array_split(run, pieces))
         return [g for g in groups if g.size]
 
-    def margins(self, batch: QueryBatch) -> np.ndarray:
-        """The rounding margins certification will use for these queries (search.exact_knn's)."""
-        return query_margins(batch.v_norms, batch.p, self.w_max, self.ip_max, self.pv.shape[1],
-                             self.inv_scale.size, self.variance)
+    def _float32_margins(self, v_norms, p) -> np.ndarray:
+        """The extra margin of float32 leaf blocks: the dot-product rounding of single precision
+        (m + 2 terms: the products' inputs are rounded to float32 too) over the tree's points."""
+        return query_margins(v_norms, p, self.w_max_tree, self.ip_max_tree, self.pv.shape[1] + 2,
+                             self.inv_scale.size, self.variance, dtype=np.float32)
+
+    def margins(self, batch: QueryBatch, routed: np.ndarray | None = None) -> np.ndarray:
+        """Rounding margins covering every fast value this searcher computes for the queries:
+        the float64 path's (search.exact_knn's), plus float32's where the leaves use it, except
+        on the rows ``routed`` to the backend's brute force (float64 only)."""
+        e = query_margins(batch.v_norms, batch.p, self.w_max, self.ip_max, self.pv.shape[1],
+                          self.inv_scale.size, self.variance)
+        if self.leaf_precision == "float32":
+            extra = self._float32_margins(batch.v_norms, batch.p)
+            if routed is not None:
+                extra[routed] = 0.0
+            e = e + extra
+        return e
+
+    def routed(self, batch: QueryBatch) -> np.ndarray:
+        """Queries the tree leaves to float64 brute force: p below the dense cut (vacuous bounds),
+        or, with float32 leaves, a float32 margin above FLOAT32_MAX_MARGIN."""
+        out = batch.p < self.tree.dense_cut
+        if self.leaf_precision == "float32":
+            out |= self._float32_margins(batch.v_norms, batch.p) > FLOAT32_MAX_MARGIN
+        return out
 
     def select(self, batch: QueryBatch, keep: int, brute_select=None, telemetry=None, k: int | None = None
                ) -> Candidates:
-        """Candidates for a sub-batch (residual metric); tiny-p queries go to ``brute_select``.
+        """Candidates for a sub-batch (residual metric); queries with tiny p (or, with float32
+        leaves, a float32 margin above FLOAT32_MAX_MARGIN) go to ``brute_select``.
 
         ``k``: the number of neighbours being certified (pruning then uses the k-th largest
         value; without it, the keep-th).
         """
         t0 = time.perf_counter()
-        to_brute = batch.p < self.tree.dense_cut
-        if brute_select is None:
-            to_brute[:] = False
+        to_brute = self.routed(batch) if brute_select is not None else np.zeros(batch.size, dtype=np.bool_)
         tree_rows = np.flatnonzero(~to_brute)
         q = batch.size
+        # the tree's rows may have float32 leaf values; the routed rows have float64 ones only
+        margin = self.margins(batch, to_brute)
         index = np.full((q, keep), -1, dtype=np.int64)
         abs_rho = np.full((q, keep), -1.0)
         a_dropped = np.full(q, -1.0)
@@ -835,7 +913,7 @@ class TreeSearcher:
             qa, qrn, qna = self.query_factors(sub.v)
             t1 = time.perf_counter()
             ha, hi, ad, totals = self.run(sub.coords, sub.v, sub.p, sub.self_index, sub.limit, keep,
-                                          qa, qrn, qna, k=k, qmarg=None if k is None else self.margins(sub))
+                                          qa, qrn, qna, k=k, qmarg=None if k is None else margin[tree_rows])
             index[tree_rows] = hi
             abs_rho[tree_rows] = ha
             a_dropped[tree_rows] = ad
@@ -857,7 +935,8 @@ class TreeSearcher:
                 telemetry.brute_queries += int(brute_rows.size)
                 telemetry.brute_evaluations += int(cand.evaluations)
                 telemetry.add_seconds("brute_select", time.perf_counter() - t2)
-        return Candidates(index=index, abs_rho=abs_rho, a_dropped=a_dropped, evaluations=int(evaluations))
+        return Candidates(index=index, abs_rho=abs_rho, a_dropped=a_dropped, evaluations=int(evaluations),
+                          margin=margin)
 
 
 def euclidean_search(tree, coords, k: int, queries=None, query_coords=None, tile_size: int = DEFAULT_TILE_SIZE):

@@ -5,9 +5,11 @@
 On one thread, for the `vif` suite: one tile of 128 queries evaluates the first ``--leaves``
 leaves of the tree with 128, 70 (the measured average) and 30 alive rows, through the
 traversal's own block evaluator (`tree_search._eval_block`: gather of the alive V rows, GEMM,
-fused kernel transform, heap pushes), next to the same gather + GEMM alone, the GEMM alone,
-and one large GEMM of the tile against 12,800 candidates (brute force's shape). Every number
-is nanoseconds per pair, medians of 5 runs in this process, so the ratios are what matters.
+fused kernel transform, heap pushes), next to the same gather + GEMM alone and the GEMM
+alone, in float64 and in float32 (the leaf precision "auto" picks where its certified margin
+is small), and one large float64 GEMM of the tile against 12,800 candidates (brute force's
+shape). Every number is nanoseconds per pair, medians of 5 runs in this process, so the
+ratios are what matters.
 """
 
 from __future__ import annotations
@@ -71,29 +73,33 @@ def main():
     kth_a, kth_n = np.full((q, case.k), 0.5), np.full(q, case.k, dtype=np.int64)
     leaves = np.flatnonzero(tr.node_left < 0)[:args.leaves]
     starts, ends = tr.node_start[leaves], tr.node_end[leaves]
-    qbuf, row, work = np.empty((q, prob.m)), np.empty(s.blk_cap), np.empty((3, s.blk_cap))
+    row, work = np.empty(s.blk_cap), np.empty((3, s.blk_cap))
     sel = np.arange(q, dtype=np.int64)
 
-    def blocks(nrows):
+    def blocks(nrows, qv_blk, pv_blk, qbuf_blk):
         pairs = 0
         for a, b in zip(starts, ends):
             pairs += tree_search._eval_block(
-                0, s.kernel_id, s.variance, sel, np.int64(nrows), np.int64(0), a, b, s.pidx, s.pxt, s.pip, s.pv,
-                qx, qv, s.inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf,
-                row, work, False, qp, s.pp, s.scale)
+                0, s.kernel_id, s.variance, sel, np.int64(nrows), np.int64(0), a, b, s.pidx, s.pxt, s.pip, pv_blk,
+                qx, qv_blk, s.inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
+                qbuf_blk, row, work, False, qp, s.pp, s.scale)
         return pairs
 
     big = np.ascontiguousarray(s.pv[:12800])
     with threadpool_limits(1):
-        blocks(q)
-        _gather_gemm(sel, q, qv, s.pv, starts, ends, qbuf, True)
         print(f"vif n={n}, m={prob.m}, leaves of ~{np.mean(ends - starts):.0f} points, one thread; ns per pair")
-        print("alive rows | tree block (all steps) | gather + GEMM | GEMM alone")
-        for nrows in (128, 70, 30):
-            full = _ns_per_pair(lambda: blocks(nrows))
-            gg = _ns_per_pair(lambda: _gather_gemm(sel, nrows, qv, s.pv, starts, ends, qbuf, True))
-            g = _ns_per_pair(lambda: _gather_gemm(sel, nrows, qv, s.pv, starts, ends, qbuf, False))
-            print(f"{nrows} | {full:.1f} | {gg:.1f} | {g:.1f}")
+        print("precision | alive rows | tree block (all steps) | gather + GEMM | GEMM alone")
+        for dtype in (np.float64, np.float32):
+            qv_d, pv_d = qv.astype(dtype), s.pv.astype(dtype)
+            qbuf_d = np.empty((q, prob.m), dtype=dtype)
+            blocks(q, qv_d, pv_d, qbuf_d)
+            _gather_gemm(sel, q, qv_d, pv_d, starts, ends, qbuf_d, True)
+            _gather_gemm(sel, q, qv_d, pv_d, starts, ends, qbuf_d, False)
+            for nrows in (128, 70, 30):
+                full = _ns_per_pair(lambda: blocks(nrows, qv_d, pv_d, qbuf_d))
+                gg = _ns_per_pair(lambda: _gather_gemm(sel, nrows, qv_d, pv_d, starts, ends, qbuf_d, True))
+                g = _ns_per_pair(lambda: _gather_gemm(sel, nrows, qv_d, pv_d, starts, ends, qbuf_d, False))
+                print(f"{np.dtype(dtype).name} | {nrows} | {full:.1f} | {gg:.1f} | {g:.1f}")
 
         def one_gemm():
             qv @ big.T

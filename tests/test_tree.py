@@ -191,16 +191,19 @@ def test_bounds_never_below_true_rho(seed, n, d, kernel, ls, m, ard, dupes, leaf
                                      inducing=inducing, seed=seed % 100)
     except rg.InvalidArgumentError:  # K(U, U) not positive definite (duplicated inducing points)
         return
-    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=leaf, tile_size=3)
+    # float32 leaves: the bound products run in float32 in the traversal, float64 here unless fast
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=leaf, tile_size=3,
+                             leaf_precision="float32")
     tree = index.tree
     xq = np.concatenate([problem.coords, rng.random((5, d)) * 1.4 - 0.2])
     _, vq, pq = problem.factors_at(xq)
-    bound = index._searcher.node_bounds(xq, vq, pq)
     rho = np.abs(residual_rho_block(xq, vq, pq, problem.coords, problem.v, problem.p, problem.kernel))
-    for nd in range(tree.nodes):
-        pts = tree.perm[tree.node_start[nd]:tree.node_end[nd]]
-        true = rho[:, pts].max(axis=1)
-        assert np.all(bound[:, nd] >= true), (nd, np.min(bound[:, nd] - true))
+    for fast in (False, True):
+        bound = index._searcher.node_bounds(xq, vq, pq, fast=fast)
+        for nd in range(tree.nodes):
+            pts = tree.perm[tree.node_start[nd]:tree.node_end[nd]]
+            true = rho[:, pts].max(axis=1)
+            assert np.all(bound[:, nd] >= true), (fast, nd, np.min(bound[:, nd] - true))
 
 
 def test_tree_layout_invariants():
@@ -308,6 +311,63 @@ def test_parity_preset_is_exact_persisted_and_validated(tmp_path):
         rg.ResidualIndex(problem, backend="cpu", method="brute", preset="parity")
     with pytest.raises(rg.InvalidArgumentError, match="preset must be one of.*'fast'"):
         rg.ResidualIndex(problem, backend="cpu", method="tree", preset="fast")
+
+
+# -- float32 leaf blocks ------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNEL_CLASSES, ids=lambda c: c.__name__)
+def test_float32_leaf_values_within_their_margin(kernel):
+    """The leaf blocks' float32 values differ from the exact |rho| by less than the margin
+    certification and pruning use for them (rows routed to float64 brute force excepted)."""
+    from residual_gpu.backends.cpu import _dense_tile
+    from residual_gpu.tree_search import FLOAT32_MAX_MARGIN
+
+    problem = make_problem(21, 500, 2, kernel(lengthscale=0.15), 40)  # kmeans++: tiny p among the data
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=8, leaf_precision="float32")
+    searcher = index._searcher
+    assert searcher.leaf_precision == "float32"
+    batch = index._batch(None, None, False)
+    routed = (batch.p < index.tree.dense_cut) | (searcher._float32_margins(batch.v_norms, batch.p) > FLOAT32_MAX_MARGIN)
+    assert 0 < routed.sum() < problem.n // 4
+    margin = searcher.margins(batch, routed)
+    cols = index.tree.perm  # the candidates of the leaf blocks
+    g = batch.v.astype(np.float32) @ problem.v[cols].astype(np.float32).T
+    ip = 1.0 / np.sqrt(problem.p)
+    fast = _dense_tile(problem.kernel.kernel_id, problem.kernel.variance, batch.coords, 1.0 / problem.lengthscales,
+                       1.0 / np.sqrt(batch.p), np.ascontiguousarray(problem.coords[cols].T), ip[cols], g)
+    exact = np.abs(residual_rho_block(batch.coords, batch.v, batch.p, problem.coords[cols], problem.v[cols],
+                                      problem.p[cols], problem.kernel))
+    err = np.abs(fast - exact)[~routed]
+    assert np.all(err <= margin[~routed, None]), np.max(err / margin[~routed, None])
+    assert np.max(err) > 1e-9  # float32 rounding is really there
+    assert np.median(margin[~routed]) < 5e-3  # and the margin is useful, not vacuous
+
+
+@pytest.mark.parametrize("leaf_precision", ["float32", "float64"])
+def test_leaf_precisions_are_exact(leaf_precision):
+    problem = make_problem(22, 700, 3, rg.Matern52(lengthscale=0.2), 30, duplicates=20)
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=8, tile_size=16,
+                             leaf_precision=leaf_precision)
+    xnew = np.random.default_rng(3).random((9, 3))
+    for kw in ({}, {"predecessor": True}, {"query_coords": xnew}):
+        res = index.query(12, **kw)
+        assert res.telemetry.leaf_precision == leaf_precision
+        assert_matches_reference(problem, res, 12, **kw)
+
+
+def test_leaf_precision_auto_and_validation(tmp_path):
+    moderate = make_problem(23, 500, 2, rg.Matern32(lengthscale=0.1), 20)
+    assert rg.ResidualIndex(moderate, backend="cpu", method="tree")._searcher.leaf_precision == "float32"
+    x = np.random.default_rng(4).normal(size=(400, 3))
+    tiny = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=x[::2].copy())  # gold-like: tiny p
+    assert rg.ResidualIndex(tiny, backend="cpu", method="tree")._searcher.leaf_precision == "float64"
+    assert rg.ResidualIndex(moderate, backend="cpu", method="tree", preset="parity")._searcher.leaf_precision == "float64"
+    with pytest.raises(rg.InvalidArgumentError, match="leaf_precision must be one of.*'half'"):
+        rg.ResidualIndex(moderate, backend="cpu", method="tree", leaf_precision="half")
+    with pytest.raises(rg.InvalidArgumentError, match="float64 values only.*leaf_precision='float32'"):
+        rg.ResidualIndex(moderate, backend="cpu", method="tree", preset="parity", leaf_precision="float32")
+    index = rg.ResidualIndex(moderate, backend="cpu", method="tree", leaf_precision="float64")
+    index.save(tmp_path / "f64.npz")
+    assert rg.ResidualIndex.load(tmp_path / "f64.npz", backend="cpu")._searcher.leaf_precision == "float64"
 
 
 def _rewrite(src, dst, **changes):

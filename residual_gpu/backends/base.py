@@ -56,12 +56,16 @@ class Candidates:
     never asks for keep = 0);
     ``a_dropped`` (q,) is the largest fast |rho| of an admissible candidate that was not
     kept (-1 when none was dropped); ``evaluations`` counts admissible pairs evaluated.
+    ``margin`` (q,), when set, is the per-query rounding margin (precision.query_margins)
+    that covers these fast values, for selects whose arithmetic is not the float64 path (the
+    tree's float32 leaf blocks); None means the problem-wide float64 margin.
     """
 
     index: np.ndarray
     abs_rho: np.ndarray
     a_dropped: np.ndarray
     evaluations: int
+    margin: np.ndarray | None = None
 
 
 class Backend(ABC):
