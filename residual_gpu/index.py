@@ -232,10 +232,8 @@ class ResidualIndex:
             idx = np.empty((batch.size, k), dtype=np.int64)
             dist = np.empty((batch.size, k))
             # queries the tree would route to brute force (tiny p) are answered together by one
-            # brute-force search: a few of them per tree group would stream all of V each time.
-            # The parity preset routes nothing (the oracle has only the tree).
-            routed = (np.zeros(batch.size, dtype=np.bool_) if self._options["sequential"]
-                      else self._searcher.routed(batch))
+            # brute-force search: a few of them per tree group would stream all of V each time
+            routed = self._searcher.routed(batch)
             if routed.any():
                 rows = np.flatnonzero(routed)
                 before = telemetry.distance_evaluations

@@ -418,31 +418,13 @@ def _threshold(heap_a, count, kth_a, kth_n, qmarg, r):
 @njit(inline="always", cache=True)
 def _kth_push(ka, size, a):
     """Fold value a into the min-heap ka of the largest values seen (capacity ka.size)."""
-    kk = ka.shape[0]
-    if size < kk:
-        pos = size
-        ka[pos] = a
-        while pos > 0:
-            parent = (pos - 1) // 2
-            if ka[parent] <= ka[pos]:
-                break
-            ka[pos], ka[parent] = ka[parent], ka[pos]
-            pos = parent
+    if size < ka.shape[0]:
+        _heap_push(ka, None, size, a, 0)
         return size + 1
     if a <= ka[0]:
         return size
     ka[0] = a
-    pos = 0
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        if child + 1 < size and ka[child + 1] < ka[child]:
-            child += 1
-        if ka[child] >= ka[pos]:
-            break
-        ka[pos], ka[child] = ka[child], ka[pos]
-        pos = child
+    _sift_down(ka, None, size)
     return size
 
 
@@ -884,7 +866,10 @@ class TreeSearcher:
 
     def routed(self, batch: QueryBatch) -> np.ndarray:
         """Queries the tree leaves to float64 brute force: p below the dense cut (vacuous bounds),
-        or, with float32 leaves, a float32 margin above FLOAT32_MAX_MARGIN."""
+        or, with float32 leaves, a float32 margin above FLOAT32_MAX_MARGIN. None in the
+        sequential (parity) mode: the oracle has only the tree."""
+        if self.sequential:
+            return np.zeros(batch.size, dtype=np.bool_)
         out = batch.p < self.tree.dense_cut
         if self.leaf_precision == "float32":
             out |= self._float32_margins(batch.v_norms, batch.p) > FLOAT32_MAX_MARGIN

@@ -86,7 +86,8 @@ def _dense_tile(kernel_id, variance, qx, inv_scale, qip, xt, ip, g):
 
 @njit(inline="always", cache=True)
 def _sift_down(ha, hi, size):
-    """Restore the min-heap (on ha) after its root was replaced."""
+    """Restore the min-heap (on ha) after its root was replaced; hi (the payload, moved
+    along) may be None for a heap of values only."""
     pos = 0
     while True:
         child = 2 * pos + 1
@@ -97,21 +98,25 @@ def _sift_down(ha, hi, size):
         if ha[child] >= ha[pos]:
             break
         ha[pos], ha[child] = ha[child], ha[pos]
-        hi[pos], hi[child] = hi[child], hi[pos]
+        if hi is not None:
+            hi[pos], hi[child] = hi[child], hi[pos]
         pos = child
 
 
 @njit(inline="always", cache=True)
 def _heap_push(ha, hi, size, a, j):
+    """Add (a, j) to the min-heap of ``size`` entries (hi may be None, as in _sift_down)."""
     pos = size
     ha[pos] = a
-    hi[pos] = j
+    if hi is not None:
+        hi[pos] = j
     while pos > 0:
         parent = (pos - 1) // 2
         if ha[parent] <= ha[pos]:
             break
         ha[pos], ha[parent] = ha[parent], ha[pos]
-        hi[pos], hi[parent] = hi[parent], hi[pos]
+        if hi is not None:
+            hi[pos], hi[parent] = hi[parent], hi[pos]
         pos = parent
 
 
