@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import BackendUnavailableError
+from .tree import DENSE_RATIO, transform_of
 
 #: Telemetry fields both engines report in the parity preset (docs/telemetry.md)
 PARITY_COUNTERS = (
@@ -34,35 +35,25 @@ def load_oracle():
     return residual_gpu_ref
 
 
-def _common(problem) -> dict:
-    return {"lengthscale": problem.lengthscales}
-
-
-def _transform(problem) -> np.ndarray:
-    return np.zeros((0, 0)) if problem.chol is None else problem.chol
-
-
 def oracle_brute_knn(oracle, problem, k: int, queries, predecessor: bool):
     """(indices, distances) of the oracle's float64 brute force."""
     return oracle.brute_knn(problem.coords, problem.v, problem.p, kernel=problem.kernel.name,
-                            variance=problem.kernel.variance, k=k, queries=queries, predecessor=predecessor,
-                            **_common(problem))
+                            lengthscale=problem.lengthscales, variance=problem.kernel.variance, k=k,
+                            queries=queries, predecessor=predecessor)
 
 
 def oracle_tree_build(oracle, problem, preset: dict) -> dict:
     """The oracle's tree arrays for the problem, with the preset's leaf size."""
-    from .tree import DENSE_RATIO
-
-    return oracle.tree_build(problem.coords, problem.v, problem.p, _transform(problem),
-                             leaf_size=preset["leaf_size"], dense_ratio=DENSE_RATIO, **_common(problem))
+    return oracle.tree_build(problem.coords, problem.v, problem.p, transform_of(problem),
+                             lengthscale=problem.lengthscales, leaf_size=preset["leaf_size"], dense_ratio=DENSE_RATIO)
 
 
 def oracle_tree_knn(oracle, problem, k: int, queries, predecessor: bool, preset: dict):
     """(indices, distances, counters) of the oracle's tree query in the parity preset."""
-    return oracle.tree_knn(problem.coords, problem.v, problem.p, _transform(problem), kernel=problem.kernel.name,
-                           variance=problem.kernel.variance, k=k, queries=queries, predecessor=predecessor,
-                           leaf_size=preset["leaf_size"], tile_size=preset["tile_size"],
-                           pop_batch=preset["pop_batch"], **_common(problem))
+    return oracle.tree_knn(problem.coords, problem.v, problem.p, transform_of(problem), kernel=problem.kernel.name,
+                           lengthscale=problem.lengthscales, variance=problem.kernel.variance, k=k, queries=queries,
+                           predecessor=predecessor, leaf_size=preset["leaf_size"], tile_size=preset["tile_size"],
+                           pop_batch=preset["pop_batch"])
 
 
 def tree_mismatches(tree, theirs: dict) -> list[str]:
