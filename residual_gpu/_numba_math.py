@@ -123,13 +123,11 @@ def accurate_abs_rho4(xa, va, pa, x, v, p, j0, j1, j2, j3, scale, kernel_id, var
     """out[at + i] = accurate_abs_rho(xa, va, pa, x[ji], v[ji], p[ji], ...) for i = 0..3,
     bitwise, with the four Dot2 chains interleaved (dot2x4): certification's inner loop."""
     h0, l0, h1, l1, h2, l2, h3, l3 = dot2x4(va, v[j0], v[j1], v[j2], v[j3])
-    out[at] = _finish_abs_rho(variance * correlation(kernel_id, scaled_sq_distance(xa, x[j0], scale)), h0, l0, pa, p[j0])
-    out[at + 1] = _finish_abs_rho(variance * correlation(kernel_id, scaled_sq_distance(xa, x[j1], scale)), h1, l1, pa,
-                                  p[j1])
-    out[at + 2] = _finish_abs_rho(variance * correlation(kernel_id, scaled_sq_distance(xa, x[j2], scale)), h2, l2, pa,
-                                  p[j2])
-    out[at + 3] = _finish_abs_rho(variance * correlation(kernel_id, scaled_sq_distance(xa, x[j3], scale)), h3, l3, pa,
-                                  p[j3])
+    js, his, los = (j0, j1, j2, j3), (h0, h1, h2, h3), (l0, l1, l2, l3)
+    for i in range(4):
+        j = js[i]
+        kval = variance * correlation(kernel_id, scaled_sq_distance(xa, x[j], scale))
+        out[at + i] = _finish_abs_rho(kval, his[i], los[i], pa, p[j])
 
 
 @njit(parallel=True, cache=True)

@@ -64,12 +64,11 @@ def certify_and_rank(k, cand_index, cand_a, a_dropped, margin, qx, qv, qp, x, v,
         for c in range(n_cont):
             cont_idx[c] = idx[order[c]]
         # the accurate values four at a time (the same bits as one at a time, faster)
-        c = 0
-        while c + 4 <= n_cont:
+        quads = n_cont - n_cont % 4
+        for c in range(0, quads, 4):
             accurate_abs_rho4(qx[r], qv[r], qp[r], x, v, p, cont_idx[c], cont_idx[c + 1], cont_idx[c + 2],
                               cont_idx[c + 3], scale, kernel_id, variance, cont_dist, c)
-            c += 4
-        for c in range(c, n_cont):
+        for c in range(quads, n_cont):
             j = cont_idx[c]
             cont_dist[c] = accurate_abs_rho(qx[r], qv[r], qp[r], x[j], v[j], p[j], scale, kernel_id, variance)
         for c in range(n_cont):
