@@ -122,3 +122,29 @@ def check_knn(problem, k, *, backend="cpu", queries=None, query_coords=None, pre
         np.testing.assert_allclose(res.distances, cpu.distances, rtol=0, atol=1e-12)
         assert res.telemetry.distance_evaluations == cpu.telemetry.distance_evaluations
     return res
+
+
+def assert_select_matches_cpu(problem, backend_name: str, predecessor: bool, keeps=(1, 5, 33, 149)):
+    """A backend's streaming select against the CPU backend's on the same batch: kept sets equal
+    as sets (no ties here), a_dropped equal, -1 padding, the query itself and inadmissible
+    candidates excluded, the same evaluation count."""
+    index = rg.ResidualIndex(problem, backend="cpu")
+    batch = index._batch(np.array([0, 1, 2, 30, problem.n - 1, problem.n - 1, 75]), None, predecessor)
+    cpu_be, fast_be = rg.get_backend("cpu"), rg.get_backend(backend_name)
+    for keep in keeps:
+        cpu = cpu_be.select_candidates(cpu_be.prepare(problem), batch, keep)
+        fast = fast_be.select_candidates(fast_be.prepare(problem), batch, keep)
+        assert fast.index.shape == (batch.size, keep) and fast.index.dtype == np.int64
+        assert fast.abs_rho.dtype == np.float64 and fast.a_dropped.shape == (batch.size,)
+        assert fast.evaluations == cpu.evaluations
+        for r in range(batch.size):
+            kept = fast.index[r] >= 0
+            assert np.all(kept[: kept.sum()]), "kept candidates must be a prefix"
+            assert np.all(fast.abs_rho[r, ~kept] == -1.0)
+            assert set(fast.index[r, kept]) == set(cpu.index[r][cpu.index[r] >= 0])
+            assert batch.self_index[r] not in set(fast.index[r])
+            assert np.all(fast.index[r, kept] < batch.limit[r])
+            np.testing.assert_allclose(np.sort(fast.abs_rho[r, kept]), np.sort(cpu.abs_rho[r][cpu.index[r] >= 0]),
+                                       rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fast.a_dropped, cpu.a_dropped, rtol=0, atol=1e-12)
+        assert np.array_equal(fast.a_dropped < 0, cpu.a_dropped < 0)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CASE_IDS, CASES, check_knn, make_problem
+from conftest import CASE_IDS, CASES, assert_select_matches_cpu, check_knn, make_problem
 
 import residual_gpu as rg
 import residual_gpu.backends.cuda as cuda_backend
@@ -422,30 +422,6 @@ def run_query_kinds(problem, d, ks=(1, 7, 40)):
     check(problem, problem.n, query_coords=xnew)  # every point
 
 
-def compare_select_with_cpu(problem, predecessor, keeps=(1, 5, 33, 149)):
-    """Kept sets equal as sets (no ties here), a_dropped equal to cpu's, -1 padding, evaluations."""
-    index = rg.ResidualIndex(problem, backend="cpu")
-    batch = index._batch(np.array([0, 1, 2, 30, problem.n - 1, problem.n - 1, 75]), None, predecessor)
-    for keep in keeps:
-        cpu_be, fast_be = get_backend("cpu"), get_backend("cuda")
-        cpu = cpu_be.select_candidates(cpu_be.prepare(problem), batch, keep)
-        fast = fast_be.select_candidates(fast_be.prepare(problem), batch, keep)
-        assert fast.index.shape == (batch.size, keep) and fast.index.dtype == np.int64
-        assert fast.abs_rho.dtype == np.float64 and fast.a_dropped.shape == (batch.size,)
-        assert fast.evaluations == cpu.evaluations
-        for r in range(batch.size):
-            kept = fast.index[r] >= 0
-            assert np.all(kept[: kept.sum()]), "kept candidates must be a prefix"
-            assert np.all(fast.abs_rho[r, ~kept] == -1.0)
-            assert set(fast.index[r, kept]) == set(cpu.index[r][cpu.index[r] >= 0])
-            assert batch.self_index[r] not in set(fast.index[r])
-            assert np.all(fast.index[r, kept] < batch.limit[r])
-            np.testing.assert_allclose(np.sort(fast.abs_rho[r, kept]), np.sort(cpu.abs_rho[r][cpu.index[r] >= 0]),
-                                       rtol=0, atol=1e-12)
-        np.testing.assert_allclose(fast.a_dropped, cpu.a_dropped, rtol=0, atol=1e-12)
-        assert np.array_equal(fast.a_dropped < 0, cpu.a_dropped < 0)
-
-
 def compare_abs_rho_tile_with_cpu():
     x = np.random.default_rng(9).random((300, 3))
     u = np.random.default_rng(10).random((20, 3))  # off the data: p is a sizeable share of the variance
@@ -510,7 +486,7 @@ def test_emulated_tiling_and_global_heap(emulated, monkeypatch):
 @pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
 def test_emulated_select_candidates_matches_cpu(emulated, predecessor):
     problem = make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20)
-    compare_select_with_cpu(problem, predecessor)
+    assert_select_matches_cpu(problem, "cuda", predecessor)
 
 
 def test_emulated_abs_rho_tile_matches_cpu(emulated):
@@ -610,8 +586,7 @@ def test_gpu_larger_problem(cuda_device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
 def test_gpu_select_candidates_matches_cpu(cuda_device, predecessor):
-    compare_select_with_cpu(make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20), predecessor,
-                            keeps=(1, 5, 33, 149))
+    assert_select_matches_cpu(make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20), "cuda", predecessor)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import pytest
 
 jax = pytest.importorskip("jax", reason="JAX is not installed (pip install 'residual-gpu[jax]')")
 
-from conftest import CASE_IDS, CASES, check_knn, make_problem
+from conftest import CASE_IDS, CASES, assert_select_matches_cpu, check_knn, make_problem
 
 import residual_gpu as rg
 import residual_gpu.backends.jax as jax_backend
@@ -60,36 +60,9 @@ def test_tiling_boundaries(monkeypatch):
     check(problem, 6, queries=np.array([129, 0, 5, 5, 77]))
 
 
-def _select_both(problem, batch, keep):
-    out = []
-    for name in ("cpu", BACKEND):
-        backend = get_backend(name)
-        out.append(backend.select_candidates(backend.prepare(problem), batch, keep))
-    return out
-
-
 @pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
 def test_select_candidates_matches_cpu(predecessor):
-    """Kept sets equal as sets (no ties here), a_dropped exactly the cpu's, -1 padding, evaluations."""
-    problem = make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20)
-    index = rg.ResidualIndex(problem, backend="cpu")
-    batch = index._batch(np.array([0, 1, 2, 30, 149, 149, 75]), None, predecessor)
-    for keep in (1, 5, 33, 149):
-        cpu, fast = _select_both(problem, batch, keep)
-        assert fast.index.shape == (batch.size, keep) and fast.index.dtype == np.int64
-        assert fast.abs_rho.dtype == np.float64 and fast.a_dropped.shape == (batch.size,)
-        assert fast.evaluations == cpu.evaluations
-        for r in range(batch.size):
-            kept = fast.index[r] >= 0
-            assert np.all(kept[: kept.sum()]), "kept candidates must be a prefix"
-            assert np.all(fast.abs_rho[r, ~kept] == -1.0)
-            assert set(fast.index[r, kept]) == set(cpu.index[r][cpu.index[r] >= 0])
-            assert batch.self_index[r] not in set(fast.index[r])
-            assert np.all(fast.index[r, kept] < batch.limit[r])
-            np.testing.assert_allclose(np.sort(fast.abs_rho[r, kept]), np.sort(cpu.abs_rho[r][cpu.index[r] >= 0]),
-                                       rtol=0, atol=1e-12)
-        np.testing.assert_allclose(fast.a_dropped, cpu.a_dropped, rtol=0, atol=1e-12)
-        assert np.array_equal(fast.a_dropped < 0, cpu.a_dropped < 0)
+    assert_select_matches_cpu(make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20), BACKEND, predecessor)
 
 
 @pytest.mark.parametrize("tiny_p", [False, True], ids=["moderate-p", "tiny-p"])
