@@ -313,6 +313,15 @@ def _accurate_row(kernel_id, variance, xq, vq, pq, pxt, pv, pp, scale, c0, out):
         out[b] = accurate_abs_rho(xq, vq, pq, pxt[:, c0 + b], pv[c0 + b], pp[c0 + b], scale, kernel_id, variance)
 
 
+@njit(inline="always", cache=True)
+def _block_width(pidx, start, end, qlimit, r0, rows, nrows):
+    """Longest admissible prefix of the index-sorted range [start, end) over rows[:nrows]."""
+    width = 0
+    for i in range(nrows):
+        width = max(width, _prefix(pidx, start, end, qlimit[r0 + rows[i]]))
+    return width
+
+
 @njit(cache=True, fastmath={"contract"})
 def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv,
                 qx, qv, inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf, row,
@@ -323,22 +332,46 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
     is nrows x (longest prefix), which is what the returned pair count measures. Values are
     the fast GEMM ones, or with ``sequential`` (the parity preset) the accurate ones.
     """
-    keep = heap_a.shape[1]
-    width = 0
-    for i in range(nrows):
-        c = _prefix(pidx, start, end, qlimit[r0 + rows[i]])
-        width = max(width, c)
+    width = _block_width(pidx, start, end, qlimit, r0, rows, nrows)
     if width == 0:
         return 0
+    # The GEMM's rows: the tile's own (contiguous) rows when nearly all of them are alive (a few
+    # unused rows cost less than gathering), else the alive rows gathered into qbuf.
+    nt = qbuf.shape[0]
+    full = _mostly_alive(nrows, nt)
     if metric == 0 and not sequential:
-        m = qv.shape[1]
-        for i in range(nrows):
-            r = r0 + rows[i]
-            for t in range(m):
-                qbuf[i, t] = qv[r, t]
-        g = np.dot(qbuf[:nrows], pv[start:start + width].T)
+        if full:
+            g = np.dot(qv[r0:r0 + nt], pv[start:start + width].T)
+        else:
+            m = qv.shape[1]
+            for i in range(nrows):
+                r = r0 + rows[i]
+                for t in range(m):
+                    qbuf[i, t] = qv[r, t]
+            g = np.dot(qbuf[:nrows], pv[start:start + width].T)
     else:
         g = np.empty((1, 1), dtype=qbuf.dtype)
+    _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv, qx, qv, inv_scale,
+                qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
+                scale, g, full, 0)
+    return nrows * width
+
+
+@njit(inline="always", cache=True)
+def _mostly_alive(nrows, nt):
+    """A leaf block multiplies all nt tile rows (no gather) when at least 7/8 of them are alive."""
+    return nrows * 8 >= nt * 7
+
+
+@njit(cache=True, fastmath={"contract"})
+def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv, qx, qv, inv_scale,
+                qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
+                scale, g, full, gcol):
+    """Fold the values of points [start, end) into the heaps of rows ``rows[:nrows]``.
+
+    The fast values' V products are g[rows[i] if full else i, gcol + b] for point start + b.
+    """
+    keep = heap_a.shape[1]
     for i in range(nrows):
         r = r0 + rows[i]
         w = _prefix(pidx, start, end, qlimit[r])
@@ -353,7 +386,7 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
             if sequential:
                 _accurate_row(kernel_id, variance, qx[r], qv[r], qp[r], pxt, pv, pp, scale, start, vals)
             else:
-                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[i], vals, work)
+                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[rows[i] if full else i, gcol:], vals, work)
             dropped = a_dropped[r]
             ka = kth_a[r]
             kn = kth_n[r]
@@ -394,7 +427,6 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
                     s += diff * diff
                 size = _eu_push(ha, hi, size, keep, -s, j)
         count[r] = size
-    return nrows * width
 
 
 @njit(inline="always", cache=True)
@@ -498,6 +530,16 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
     radbuf = np.empty((ecap, max(m, 1)), dtype=mid_fast.dtype)
     ub = np.empty(nt)
     ne = 0
+    # a round's mostly-alive leaves (see _mostly_alive) are evaluated together: their points'
+    # V rows copied side by side into lbuf, one GEMM against all tile rows (wider than one leaf,
+    # and the tile rows are packed once)
+    batched = metric == 0 and not sequential
+    pcap = pop_batch if batched else 0
+    lbuf = np.empty((pcap * blk_cap, max(m, 1)), dtype=pv_fast.dtype)
+    pnode = np.empty(pcap, dtype=np.int64)
+    pcol = np.empty(pcap, dtype=np.int64)
+    pnrows = np.empty(pcap, dtype=np.int64)
+    prows = np.empty((pcap, nt), dtype=np.int64)
     for b in range(roots.shape[0]):
         any_adm = False
         for i in range(nt):
@@ -576,6 +618,8 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
         ctr[C_FRONTIER_SUM] += fsize
         ctr[C_FRONTIER_MAX] = max(ctr[C_FRONTIER_MAX], fsize)
         had_leaf = False
+        npend = 0
+        pw = 0
         for _ in range(pop_batch):
             if fsize == 0:
                 break
@@ -600,10 +644,24 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
             if nalive == 0:
                 continue
             if node_left[nd] < 0:
-                # the leaves' fast values may run in float32 (qv_fast, pv_fast); the dense block never does
-                pairs = _eval_block(metric, kernel_id, variance, rows, np.int64(nalive), r0, node_start[nd], node_end[nd],
-                                    pidx, pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a, heap_i,
-                                    count, a_dropped, kth_a, kth_n, qbuf_fast, row, work, sequential, qp, pp, scale)
+                start = node_start[nd]
+                if batched and _mostly_alive(nalive, nt):
+                    width = _block_width(pidx, start, node_end[nd], qlimit, r0, rows, nalive)
+                    if width > 0:
+                        lbuf[pw:pw + width] = pv_fast[start:start + width]
+                        pnode[npend] = nd
+                        pcol[npend] = pw
+                        pnrows[npend] = nalive
+                        prows[npend, :nalive] = rows[:nalive]
+                        pw += width
+                        npend += 1
+                    pairs = nalive * width
+                else:
+                    # the leaves' fast values may run in float32 (qv_fast, pv_fast); the dense block never does
+                    pairs = _eval_block(metric, kernel_id, variance, rows, np.int64(nalive), r0, start, node_end[nd],
+                                        pidx, pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a,
+                                        heap_i, count, a_dropped, kth_a, kth_n, qbuf_fast, row, work, sequential, qp,
+                                        pp, scale)
                 had_leaf = True
                 ctr[C_LEAVES] += 1
                 if pairs > 0:
@@ -618,6 +676,13 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                     for a in range(nalive):
                         emask[ne, rows[a]] = True
                     ne += 1
+        if npend > 0:
+            g = np.dot(qv_fast[r0:r1], lbuf[:pw].T)
+            for e in range(npend):
+                nd = pnode[e]
+                _fold_block(metric, kernel_id, variance, prows[e], pnrows[e], r0, node_start[nd], node_end[nd], pidx,
+                            pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a, heap_i, count,
+                            a_dropped, kth_a, kth_n, row, work, sequential, qp, pp, scale, g, True, pcol[e])
         if had_leaf:
             ctr[C_YIELDS] += 1
 
@@ -746,9 +811,11 @@ class TreeSearcher:
         if self.sequential:
             a, back = _solve_sequential(t, np.ascontiguousarray(v))
         else:
-            a = scipy.linalg.solve_triangular(t, v.T, lower=True, trans="T", check_finite=False).T
-            a = np.ascontiguousarray(a)
-            back = scipy.linalg.blas.dtrmm(1.0, t, a, side=1, lower=1, trans_a=0)  # rows a_q^T T = (T^T a_q)^T
+            # in the transposed (Fortran-order) world, so that LAPACK and BLAS copy nothing:
+            # columns of at are the a_q, columns of backt the T^T a_q
+            at = scipy.linalg.solve_triangular(t, v.T, lower=True, trans="T", check_finite=False)
+            backt = scipy.linalg.blas.dtrmm(1.0, t, at, side=0, lower=1, trans_a=1)
+            a, back = at.T, backt.T
         na = row_norms(a) * grow
         rn = row_norms(v - back) * grow + self.gam * self.tnorm * na
         return a, rn, na
