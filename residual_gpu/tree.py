@@ -378,8 +378,9 @@ def _summaries(tree: SearchTree, v: np.ndarray, p: np.ndarray, v_norms: np.ndarr
             z = _transform_rows_sequential(transform, vc, y)
         else:
             if transform.size:
-                # z = (T V_j) scaled: rows of V T^T
-                z = scipy.linalg.blas.dtrmm(1.0, transform, vc, side=1, lower=1, trans_a=1)
+                # z = (T V_j) scaled: columns of T V^T, computed on the transposed (Fortran-order)
+                # view so that BLAS copies nothing; z itself is then C-ordered again
+                z = scipy.linalg.blas.dtrmm(1.0, transform, vc.T, side=0, lower=1, trans_a=0).T
             else:
                 z = np.array(vc)
             z *= y[:, None]

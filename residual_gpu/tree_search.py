@@ -707,6 +707,15 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
                        qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod)
 
 
+@njit(parallel=True, cache=True)
+def _gather_rows(src, rows, out):
+    """out[i] = src[rows[i]], cast to out's dtype, in one pass (V in tree order)."""
+    for i in prange(rows.shape[0]):
+        for t in range(src.shape[1]):
+            out[i, t] = src[rows[i], t]
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
@@ -750,12 +759,11 @@ class TreeSearcher:
             self.kernel = kernel
             self.variance = float(kernel.variance)
             self.kernel_id = kernel.kernel_id
-            m = v.shape[1]
+            m = self.m = v.shape[1]
             ip = 1.0 / np.sqrt(p)
             self.pp = p[perm]
             self.dp = p[dense]
             self.pip = ip[perm]
-            self.pv = np.ascontiguousarray(v[perm])
             self.dip = ip[dense]
             self.dv = np.ascontiguousarray(v[dense])
             t = tree.transform
@@ -781,8 +789,10 @@ class TreeSearcher:
             self.leaf_precision = leaf_precision
             fast = np.float32 if leaf_precision == "float32" else np.float64
             # float32 leaves: the leaf blocks' V rows and the bound products' summaries in float32
-            # (gam_prod: their rounding, as docs/tree.md section 4a derives)
-            self.pv_fast = self.pv.astype(fast)
+            # (gam_prod: their rounding, as docs/tree.md section 4a derives); the float64 rows in
+            # tree order are then not needed (pv only feeds the float64 and sequential paths)
+            self.pv_fast = _gather_rows(np.ascontiguousarray(v), perm, np.empty((perm.size, m), dtype=fast))
+            self.pv = self.pv_fast
             self.mid_fast, self.rad_fast = self.mid.astype(fast), self.rad.astype(fast)
             self.gam_prod = 2.0 * gamma(m + 4, fast)
         else:
@@ -915,14 +925,14 @@ class TreeSearcher:
     def _float32_margins(self, v_norms, p) -> np.ndarray:
         """The extra margin of float32 leaf blocks: the dot-product rounding of single precision
         (m + 2 terms: the products' inputs are rounded to float32 too) over the tree's points."""
-        return query_margins(v_norms, p, self.w_max_tree, self.ip_max_tree, self.pv.shape[1] + 2,
+        return query_margins(v_norms, p, self.w_max_tree, self.ip_max_tree, self.m + 2,
                              self.inv_scale.size, self.variance, dtype=np.float32)
 
     def margins(self, batch: QueryBatch, routed: np.ndarray | None = None) -> np.ndarray:
         """Rounding margins covering every fast value this searcher computes for the queries:
         the float64 path's (search.exact_knn's), plus float32's where the leaves use it, except
         on the rows ``routed`` to the backend's brute force (float64 only)."""
-        e = query_margins(batch.v_norms, batch.p, self.w_max, self.ip_max, self.pv.shape[1],
+        e = query_margins(batch.v_norms, batch.p, self.w_max, self.ip_max, self.m,
                           self.inv_scale.size, self.variance)
         if self.leaf_precision == "float32":
             extra = self._float32_margins(batch.v_norms, batch.p)
