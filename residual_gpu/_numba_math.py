@@ -206,3 +206,46 @@ def exp_nonpositive_inplace(z, scratch):
         bits[b] = (bits[b] + 1023) << 52  # low bits of t hold n; this is 2**n's bit pattern
     for b in range(width):
         z[b] *= tb[b]
+
+
+# float32 exp for the float32 leaf blocks (docs/precision.md, "float32 kernel values")
+_F32 = np.float32
+_LOG2E_F32 = _F32(_LOG2E)
+_LN2_HI_F32 = _F32(0.693359375)  # 0x3F318000: 12 significant bits, n * _LN2_HI_F32 exact for |n| < 2**12
+_LN2_LO_F32 = _F32(-2.12194440e-4)  # ln 2 - _LN2_HI_F32, rounded to float32
+_ROUND_SHIFT_F32 = _F32(12582912.0)  # 1.5 * 2**23
+_EXP32_MIN = _F32(-87.0)  # exp(-87) ~ 1.6e-38 is still a normal float32
+_EXP32_COEF = tuple(_F32(1.0 / math.factorial(i)) for i in range(8))
+_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7 = _EXP32_COEF
+
+
+@njit(inline="always", cache=True, fastmath={"contract"})
+def exp32_nonpositive_inplace(z, scratch):
+    """z[b] <- exp(z[b]) for float32 z <= 0, within 32 ulp (float32) of the exact value;
+    arguments below -87 give exp(-87).
+
+    The float64 scheme of exp_nonpositive_inplace at float32 width (twice the SIMD lanes):
+    Cody-Waite reduction x = n ln2 + r, |r| <= 0.3466, the degree-7 Taylor polynomial
+    (truncation < 0.14 ulp), 2^n in the exponent bits. docs/precision.md derives the bound;
+    tests/test_precision.py checks it against float64 exp.
+    """
+    width = z.shape[0]
+    tb = scratch[:width]
+    for b in range(width):
+        x = max(_EXP32_MIN, z[b])
+        t = x * _LOG2E_F32 + _ROUND_SHIFT_F32
+        nf = t - _ROUND_SHIFT_F32
+        r = (x - nf * _LN2_HI_F32) - nf * _LN2_LO_F32
+        p = _C7 * r + _C6
+        p = p * r + _C5
+        p = p * r + _C4
+        p = p * r + _C3
+        p = p * r + _C2
+        p = p * r + _C1
+        z[b] = p * r + _C0
+        tb[b] = t
+    bits = tb.view(np.int32)
+    for b in range(width):
+        bits[b] = (bits[b] + 127) << 23  # low bits of t hold n; this is 2**n's bit pattern
+    for b in range(width):
+        z[b] *= tb[b]

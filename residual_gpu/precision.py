@@ -14,6 +14,8 @@ without recomputation (docs/precision.md gives the derivation):
 - kappa_d = (4 d + 64) u bounds, relative to the variance, the error of evaluating
   variance * g(r^2) from direct coordinate differences (the exp/sqrt of libm or numpy
   are within a few ulp; z exp(-z) <= 1/e keeps the amplification of r^2 errors bounded).
+  With dtype float32 (the tree's float32 leaf blocks: float32 products and a float32
+  kernel from a float64 r^2) every u above is float32's.
 - 32 u covers the subtraction, the scaling by 1/sqrt(p_i p_j) and the clamp at 1 while
   a <= 2 (beyond that both values clamp to 1).
 """
@@ -33,14 +35,15 @@ def gamma(m: int, dtype=np.float64) -> float:
     return nu / (1.0 - nu)
 
 
-def kernel_error(d: int) -> float:
-    """Bound on |fl(g(r^2)) - g(r^2)|, for g of any supported family, in float64."""
-    return (4 * d + 64) * UNIT_ROUNDOFF[np.dtype(np.float64)]
+def kernel_error(d: int, dtype=np.float64) -> float:
+    """Bound on |fl(g(r^2)) - g(r^2)|, for g of any supported family, evaluated in float64,
+    or in float32 from a float64 r^2 (the tree's float32 leaf blocks; docs/precision.md)."""
+    return (4 * d + 64) * UNIT_ROUNDOFF[np.dtype(dtype)]
 
 
 def query_margins(q_vnorm, q_p, cand_w_max: float, cand_ip_max: float, m: int, d: int,
                   variance: float, dtype=np.float64) -> np.ndarray:
     """E_i for each query (see module docstring); cand_* are maxima over the candidates."""
     ip_q = 1.0 / np.sqrt(q_p)
-    e = gamma(m, dtype) * (q_vnorm * ip_q) * cand_w_max + kernel_error(d) * variance * ip_q * cand_ip_max
+    e = gamma(m, dtype) * (q_vnorm * ip_q) * cand_w_max + kernel_error(d, dtype) * variance * ip_q * cand_ip_max
     return SAFETY * e + 32.0 * UNIT_ROUNDOFF[np.dtype(dtype)]

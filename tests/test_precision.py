@@ -7,8 +7,9 @@ import pytest
 from conftest import KERNEL_CLASSES
 
 import residual_gpu as rg
-from residual_gpu._numba_math import exp_nonpositive_inplace
-from residual_gpu.precision import UNIT_ROUNDOFF, query_margins
+from residual_gpu._numba_math import exp32_nonpositive_inplace, exp_nonpositive_inplace
+from residual_gpu.backends.cpu import _dense_tile
+from residual_gpu.precision import UNIT_ROUNDOFF, kernel_error, query_margins
 from residual_gpu.reference import residual_rho_block
 
 
@@ -22,6 +23,45 @@ def test_polynomial_exp_within_3_ulp_of_libm():
     far = np.array([-708.0, -750.0, -1e6])
     exp_nonpositive_inplace(far, np.empty(3))
     assert np.all(far == far[0]) and 0 < far[0] < 1e-307  # clamped, never 0 or nan
+
+
+def test_float32_polynomial_exp_within_its_bound():
+    """The float32 exp of the float32 leaf blocks: relative error <= 32 u (float32's u), the
+    bound docs/precision.md derives; below -87 it returns exp(-87), a normal float32."""
+    rng = np.random.default_rng(1)
+    z = np.concatenate([-rng.random(1 << 20) * 87, -rng.random(1000) * 1e-6, -np.arange(0, 87, 0.3466),
+                        [0.0, -87.0]]).astype(np.float32)
+    out = z.copy()
+    exp32_nonpositive_inplace(out, np.empty_like(z))
+    exact = np.exp(z.astype(np.float64))
+    rel = np.abs(out - exact) / exact / UNIT_ROUNDOFF[np.dtype(np.float32)]
+    assert np.max(rel) <= 32.0
+    assert np.max(rel) > 0.1  # float32 rounding is really there
+    far = np.array([-87.5, -200.0, -3e38], dtype=np.float32)
+    exp32_nonpositive_inplace(far, np.empty_like(far))
+    assert np.all(far == far[0]) and abs(far[0] / np.exp(-87.0) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("kernel", KERNEL_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("d", [1, 2, 3, 8])
+def test_float32_kernel_values_within_kernel_error(kernel, d):
+    """With float32 products (the tree's float32 leaves) the CPU transform evaluates the
+    correlation in float32: within kernel_error(d, float32) * variance of the float64 one,
+    from coincident points to far beyond the lengthscale."""
+    rng = np.random.default_rng(d)
+    x = rng.random((600, d))
+    qx = np.concatenate([x[:5], rng.random((25, d))])
+    kern = kernel(lengthscale=0.1, variance=0.9)  # variance < 1: no value reaches the clamp at 1
+    args = (kern.kernel_id, kern.variance, qx, np.full(d, 1.0 / 0.1), np.ones(qx.shape[0]),
+            np.ascontiguousarray(x.T), np.ones(x.shape[0]))
+    zeros = np.zeros((qx.shape[0], x.shape[0]))
+    v64 = _dense_tile(*args, zeros)
+    v32 = _dense_tile(*args, zeros.astype(np.float32))
+    err = np.abs(v32 - v64)
+    # the float64 values are within kernel_error(d) * variance of the exact ones
+    assert np.max(err) <= (kernel_error(d, np.float32) - kernel_error(d)) * kern.variance
+    assert np.max(err) > 1e-9  # the float32 path really ran
+    assert np.min(v64) < 1e-3 and np.max(v64) == pytest.approx(kern.variance)
 
 
 def _gold_like(seed):

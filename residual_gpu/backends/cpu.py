@@ -15,12 +15,18 @@ import numpy as np
 from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
-from .._numba_math import _SQRT3, _SQRT5, exp_nonpositive_inplace
+from .._numba_math import _SQRT3, _SQRT5, exp32_nonpositive_inplace, exp_nonpositive_inplace
 from .base import Backend, Candidates, QueryBatch
 
 #: queries per thread task and candidates per GEMM: a (128 x 1024) float64 tile of G is 1 MiB
 QUERY_TILE = 128
 CANDIDATE_TILE = 1024
+# float32 constants of _corr32 (a float64 constant would promote its loop to float64)
+_F32_ONE = np.float32(1.0)
+_F32_MINUS_HALF = np.float32(-0.5)
+_F32_FIVE_THIRDS = np.float32(5.0 / 3.0)
+_SQRT3_F32 = np.float32(_SQRT3)
+_SQRT5_F32 = np.float32(_SQRT5)
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,12 @@ def _abs_rho_row(kernel_id, variance, xq, inv_scale, ipq, xt, ip, c0, g, out, wo
     """out[b] = min(|variance * corr(r2(xq, x_c0+b)) - g[b]| * ipq * ip[c0+b], 1), b < out.size.
 
     xt and ip are the whole (contiguous) arrays, offset by c0, so loops stay unit-stride;
-    work is scratch of shape (3, >= out.size).
+    work is float64 scratch of shape (3, >= out.size). The correlation is evaluated in the
+    precision of the products g: float64, or float32 for the tree's float32 leaf blocks, whose
+    margin covers it (precision.kernel_error); r^2 and everything after are float64.
     """
     width = out.shape[0]
     r2 = work[0, :width]
-    sr = work[1, :width]
     for b in range(width):
         r2[b] = 0.0
     for t in range(xq.shape[0]):
@@ -52,7 +59,20 @@ def _abs_rho_row(kernel_id, variance, xq, inv_scale, ipq, xt, ip, c0, g, out, wo
         for b in range(width):
             diff = (x0 - xt[t, c0 + b]) * s
             r2[b] += diff * diff
-    # One branch-free loop per family, so that each vectorises.
+    if g.itemsize == 4:
+        _corr32(kernel_id, r2, out, work)
+    else:
+        _corr64(kernel_id, r2, out, work)
+    for b in range(width):
+        a = abs(variance * out[b] - g[b]) * ipq * ip[c0 + b]
+        out[b] = min(1.0, a)
+
+
+@njit(inline="always", cache=True, fastmath={"contract"})
+def _corr64(kernel_id, r2, out, work):
+    """out[b] = corr(r2[b]) in float64 (one branch-free loop per family, so that each vectorises)."""
+    width = r2.shape[0]
+    sr = work[1, :width]
     if kernel_id == 0:
         for b in range(width):
             out[b] = -0.5 * r2[b]
@@ -70,9 +90,37 @@ def _abs_rho_row(kernel_id, variance, xq, inv_scale, ipq, xt, ip, c0, g, out, wo
         exp_nonpositive_inplace(out, work[2])
         for b in range(width):
             out[b] *= 1.0 + sr[b] + r2_coef * r2[b]
+
+
+@njit(inline="always", cache=True, fastmath={"contract"})
+def _corr32(kernel_id, r2, out, work):
+    """out[b] = corr(r2[b]) evaluated in float32 (twice the SIMD lanes of _corr64), from r2
+    rounded to float32; scratch in work's rows 1 and 2 viewed as float32."""
+    width = r2.shape[0]
+    w1 = work[1].view(np.float32)
+    z = w1[:width]
+    sr = w1[width:2 * width]
+    tb = work[2].view(np.float32)
+    if kernel_id == 0:
+        for b in range(width):
+            z[b] = _F32_MINUS_HALF * np.float32(r2[b])
+    elif kernel_id == 1:
+        for b in range(width):
+            z[b] = -np.sqrt(np.float32(r2[b]))
+    else:
+        c = _SQRT3_F32 if kernel_id == 2 else _SQRT5_F32
+        for b in range(width):
+            sr[b] = c * np.sqrt(np.float32(r2[b]))
+            z[b] = -sr[b]
+    exp32_nonpositive_inplace(z, tb)
+    if kernel_id == 2:
+        for b in range(width):
+            z[b] *= _F32_ONE + sr[b]
+    elif kernel_id == 3:
+        for b in range(width):
+            z[b] *= _F32_ONE + sr[b] + _F32_FIVE_THIRDS * np.float32(r2[b])
     for b in range(width):
-        a = abs(variance * out[b] - g[b]) * ipq * ip[c0 + b]
-        out[b] = min(1.0, a)
+        out[b] = z[b]
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
