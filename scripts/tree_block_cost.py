@@ -85,12 +85,13 @@ def main():
                 qbuf_blk, row, work, False, qp, s.pp, s.scale)
         return pairs
 
-    big = np.ascontiguousarray(s.pv[:12800])
+    pv64 = np.ascontiguousarray(prob.v[s.pidx])  # V in tree order, float64 (the searcher may keep float32 only)
+    big = pv64[:12800]
     with threadpool_limits(1):
         print(f"vif n={n}, m={prob.m}, leaves of ~{np.mean(ends - starts):.0f} points, one thread; ns per pair")
         print("precision | alive rows | tree block (all steps) | gather + GEMM | GEMM alone")
         for dtype in (np.float64, np.float32):
-            qv_d, pv_d = qv.astype(dtype), s.pv.astype(dtype)
+            qv_d, pv_d = qv.astype(dtype), pv64.astype(dtype)
             qbuf_d = np.empty((q, prob.m), dtype=dtype)
             blocks(q, qv_d, pv_d, qbuf_d)
             _gather_gemm(sel, q, qv_d, pv_d, starts, ends, qbuf_d, True)
