@@ -322,6 +322,12 @@ def _block_width(pidx, start, end, qlimit, r0, rows, nrows):
     return width
 
 
+@njit(inline="always", cache=True)
+def _mostly_alive(nrows, nt):
+    """A leaf block multiplies all nt tile rows (no gather) when at least 7/8 of them are alive."""
+    return nrows * 8 >= nt * 7
+
+
 @njit(cache=True, fastmath={"contract"})
 def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv,
                 qx, qv, inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf, row,
@@ -355,12 +361,6 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
                 qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
                 scale, g, full, 0)
     return nrows * width
-
-
-@njit(inline="always", cache=True)
-def _mostly_alive(nrows, nt):
-    """A leaf block multiplies all nt tile rows (no gather) when at least 7/8 of them are alive."""
-    return nrows * 8 >= nt * 7
 
 
 @njit(cache=True, fastmath={"contract"})
@@ -798,6 +798,7 @@ class TreeSearcher:
         else:
             self.kernel_id = 0
             self.variance = 1.0
+            self.m = 0
             self.pip = self.pp = np.zeros(perm.size)
             self.dp = np.zeros(0)
             self.pv = np.zeros((perm.size, 0))
@@ -923,8 +924,9 @@ class TreeSearcher:
         return [g for g in groups if g.size]
 
     def _float32_margins(self, v_norms, p) -> np.ndarray:
-        """The extra margin of float32 leaf blocks: the dot-product rounding of single precision
-        (m + 2 terms: the products' inputs are rounded to float32 too) over the tree's points."""
+        """The extra margin of float32 leaf blocks over the tree's points: the dot-product
+        rounding of single precision (m + 2 terms: the products' inputs are rounded to float32
+        too) and the float32 correlation (kernel_error in float32's u)."""
         return query_margins(v_norms, p, self.w_max_tree, self.ip_max_tree, self.m + 2,
                              self.inv_scale.size, self.variance, dtype=np.float32)
 
