@@ -61,7 +61,7 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
     for method in methods:
         index = ResidualIndex(problem, backend=backend, method=method, progress=progress)
         for predecessor in case.modes:
-            def once(ids=None):
+            def once(ids=None, index=index, predecessor=predecessor):
                 return index.query(case.k, queries=case.queries if ids is None else ids, predecessor=predecessor,
                                    progress=progress)
             once(warm_ids)  # warm-up on a subset: JIT compilation and caches are not timed
@@ -215,8 +215,8 @@ def run_parity(name: str, n: int | None = None, backend: str = "auto", methods=(
 
 
 def format_parity(result: dict) -> str:
-    lines = [f"parity suite={result['suite']} n={result['n']} k={result['k']} median_p={result['median_p']:.3g} "
-             f"engine backend={result['backend']} oracle=residual_gpu_ref {result['oracle_version']}",
+    lines = [(f"parity suite={result['suite']} n={result['n']} k={result['k']} median_p={result['median_p']:.3g} "
+              f"engine backend={result['backend']} oracle=residual_gpu_ref {result['oracle_version']}"),
              ("method | predecessor | engine_s | oracle_s | rows with identical indices | max |d_engine - d_oracle| "
               "| tree arrays | counters")]
     for r in result["rows"]:

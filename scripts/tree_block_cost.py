@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import numpy as np
 from numba import njit
@@ -97,9 +98,9 @@ def main():
             _gather_gemm(sel, q, qv_d, pv_d, starts, ends, qbuf_d, True)
             _gather_gemm(sel, q, qv_d, pv_d, starts, ends, qbuf_d, False)
             for nrows in (128, 70, 30):
-                full = _ns_per_pair(lambda: blocks(nrows, qv_d, pv_d, qbuf_d))
-                gg = _ns_per_pair(lambda: _gather_gemm(sel, nrows, qv_d, pv_d, starts, ends, qbuf_d, True))
-                g = _ns_per_pair(lambda: _gather_gemm(sel, nrows, qv_d, pv_d, starts, ends, qbuf_d, False))
+                full = _ns_per_pair(partial(blocks, nrows, qv_d, pv_d, qbuf_d))
+                gg = _ns_per_pair(partial(_gather_gemm, sel, nrows, qv_d, pv_d, starts, ends, qbuf_d, True))
+                g = _ns_per_pair(partial(_gather_gemm, sel, nrows, qv_d, pv_d, starts, ends, qbuf_d, False))
                 print(f"{np.dtype(dtype).name} | {nrows} | {full:.1f} | {gg:.1f} | {g:.1f}")
 
         def one_gemm():
