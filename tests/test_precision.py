@@ -49,8 +49,8 @@ def test_float32_kernel_values_within_kernel_error(kernel, d):
     correlation in float32: within kernel_error(d, float32) * variance of the float64 one,
     from coincident points to far beyond the lengthscale."""
     rng = np.random.default_rng(d)
-    x = rng.random((600, d))
-    qx = np.concatenate([x[:5], rng.random((25, d))])
+    x = np.concatenate([rng.random((600, d)), [np.full(d, 1e6), np.full(d, 1e17), np.full(d, 1e25)]])
+    qx = np.concatenate([x[:5], rng.random((25, d))])  # the last three x are 1e7 to 1e26 lengthscales away
     kern = kernel(lengthscale=0.1, variance=0.9)  # variance < 1: no value reaches the clamp at 1
     args = (kern.kernel_id, kern.variance, qx, np.full(d, 1.0 / 0.1), np.ones(qx.shape[0]),
             np.ascontiguousarray(x.T), np.ones(x.shape[0]))

@@ -22,7 +22,9 @@ from .base import Backend, Candidates, QueryBatch
 QUERY_TILE = 128
 CANDIDATE_TILE = 1024
 # float32 constants of _corr32 (a float64 constant would promote its loop to float64)
+_F32_ZERO = np.float32(0.0)
 _F32_ONE = np.float32(1.0)
+_F32_EXP_CLAMP = np.float32(87.0)  # exp32_nonpositive_inplace clamps its argument at -87
 _F32_MINUS_HALF = np.float32(-0.5)
 _F32_FIVE_THIRDS = np.float32(5.0 / 3.0)
 _SQRT3_F32 = np.float32(_SQRT3)
@@ -113,12 +115,15 @@ def _corr32(kernel_id, r2, out, work):
             sr[b] = c * np.sqrt(np.float32(r2[b]))
             z[b] = -sr[b]
     exp32_nonpositive_inplace(z, tb)
+    # Matern: beyond the exp's clamp (s > 87) the polynomial factor would grow without bound
+    # (to inf for r^2 beyond float32's range); the exact value there is below 5e-35, so 0
     if kernel_id == 2:
         for b in range(width):
-            z[b] *= _F32_ONE + sr[b]
+            z[b] = z[b] * (_F32_ONE + sr[b]) if sr[b] <= _F32_EXP_CLAMP else _F32_ZERO
     elif kernel_id == 3:
         for b in range(width):
-            z[b] *= _F32_ONE + sr[b] + _F32_FIVE_THIRDS * np.float32(r2[b])
+            z[b] = (z[b] * (_F32_ONE + sr[b] + _F32_FIVE_THIRDS * np.float32(r2[b])) if sr[b] <= _F32_EXP_CLAMP
+                    else _F32_ZERO)
     for b in range(width):
         out[b] = z[b]
 
