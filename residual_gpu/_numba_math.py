@@ -221,12 +221,12 @@ _C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7 = _EXP32_COEF
 
 @njit(inline="always", cache=True, fastmath={"contract"})
 def exp32_nonpositive_inplace(z, scratch):
-    """z[b] <- exp(z[b]) for float32 z <= 0, within 32 ulp (float32) of the exact value;
+    """z[b] <- exp(z[b]) for float32 z <= 0, relative error below 32 u (u = 2^-24);
     arguments below -87 give exp(-87).
 
     The float64 scheme of exp_nonpositive_inplace at float32 width (twice the SIMD lanes):
     Cody-Waite reduction x = n ln2 + r, |r| <= 0.3466, the degree-7 Taylor polynomial
-    (truncation < 0.14 ulp), 2^n in the exponent bits. docs/precision.md derives the bound;
+    (truncation < 0.14 u), 2^n in the exponent bits. docs/precision.md derives the bound;
     tests/test_precision.py checks it against float64 exp.
     """
     width = z.shape[0]

@@ -466,9 +466,9 @@ def _kth_push(ka, size, a):
 @njit(cache=True)  # no FMA contraction: the parity preset's bounds must round as written
 def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, pop_batch, blk_cap,
                    node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
-                   node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
-                   pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
-                   qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
+                   node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
+                   pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
+                   qx, qv, qip, qrn, qna, qmarg, qself, qlimit,
                    heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
                    qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod):
     """One tile of queries: rows [tile * tile_size, ...) of the query arrays (see the module docstring)."""
@@ -690,9 +690,9 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
 @njit(parallel=True, cache=True)
 def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, pop_batch, blk_cap,
               node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
-              node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
-              pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
-              qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
+              node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
+              pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
+              qx, qv, qip, qrn, qna, qmarg, qself, qlimit,
               heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
               qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod):
     """All tiles, one Numba task each (dynamic scheduling: tiles differ in cost)."""
@@ -700,9 +700,9 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
     for tile in prange(ntiles):
         _traverse_tile(np.int64(tile), metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, pop_batch, blk_cap,
                        node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
-                       node_mid, node_rad, node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
-                       pidx, pxt, pip, pv, didx, dxt, dip, dv, inv_scale,
-                       qx, qv, qa, qip, qrn, qna, qmarg, qself, qlimit,
+                       node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
+                       pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
+                       qx, qv, qip, qrn, qna, qmarg, qself, qlimit,
                        heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
                        qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod)
 
@@ -788,11 +788,10 @@ class TreeSearcher:
                 raise ValueError("the sequential (parity) mode evaluates accurate float64 values")
             self.leaf_precision = leaf_precision
             fast = np.float32 if leaf_precision == "float32" else np.float64
-            # float32 leaves: the leaf blocks' V rows and the bound products' summaries in float32
-            # (gam_prod: their rounding, as docs/tree.md section 4a derives); the float64 rows in
-            # tree order are then not needed (pv only feeds the float64 and sequential paths)
+            # V rows in tree order in the leaf precision (the traversal reads only these), and with
+            # float32 leaves the bound products' summaries in float32 too (gam_prod: their
+            # rounding, as docs/tree.md section 4a derives)
             self.pv_fast = _gather_rows(np.ascontiguousarray(v), perm, np.empty((perm.size, m), dtype=fast))
-            self.pv = self.pv_fast
             self.mid_fast, self.rad_fast = self.mid.astype(fast), self.rad.astype(fast)
             self.gam_prod = 2.0 * gamma(m + 4, fast)
         else:
@@ -801,13 +800,12 @@ class TreeSearcher:
             self.m = 0
             self.pip = self.pp = np.zeros(perm.size)
             self.dp = np.zeros(0)
-            self.pv = np.zeros((perm.size, 0))
+            self.pv_fast = np.zeros((perm.size, 0))
             self.dip = np.zeros(0)
             self.dv = np.zeros((0, 0))
             self.tnorm = self.kerr = self.eps_d = self.gam = 0.0
             self.mid = self.rad = np.zeros((tree.nodes, 0))
             self.leaf_precision = "float64"
-            self.pv_fast = self.pv
             self.mid_fast, self.rad_fast, self.gam_prod = self.mid, self.rad, 0.0
 
     # -- per-query factors ---------------------------------------------------------
@@ -868,9 +866,9 @@ class TreeSearcher:
             with threadpool_limits(1, user_api="blas"), parallel_chunksize(1):
                 _traverse(self.metric, self.kernel_id, self.variance, self.kerr, self.eps_d, self.gam, self.tnorm,
                           self.tile_size, self.pop_batch, self.blk_cap, tr.node_start, tr.node_end, tr.node_left, tr.node_right,
-                          tr.node_lo, tr.node_hi, tr.node_min, self.mid, self.rad, tr.node_ymin, tr.node_ymax,
-                          tr.node_zeta, tr.node_zabs, tr.roots, tr.root_lo, self.pidx, self.pxt, self.pip, self.pv,
-                          self.didx, self.dxt, self.dip, self.dv, self.inv_scale, qx_o, qv_o, qa_o, qip_o, qrn_o,
+                          tr.node_lo, tr.node_hi, tr.node_min, tr.node_ymin, tr.node_ymax,
+                          tr.node_zeta, tr.node_zabs, tr.roots, tr.root_lo, self.pidx, self.pxt, self.pip,
+                          self.didx, self.dxt, self.dip, self.dv, self.inv_scale, qx_o, qv_o, qip_o, qrn_o,
                           qna_o, qmarg_o, qself_o, qlim_o, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
                           counters, self.sequential, qp_o, self.pp, self.dp, self.scale, qv_fast, self.pv_fast, qa_fast,
                           self.mid_fast, self.rad_fast, self.gam_prod)

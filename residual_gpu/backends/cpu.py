@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
-from .._numba_math import _SQRT3, _SQRT5, exp32_nonpositive_inplace, exp_nonpositive_inplace
+from .._numba_math import _EXP32_MIN, _SQRT3, _SQRT5, exp32_nonpositive_inplace, exp_nonpositive_inplace
 from .base import Backend, Candidates, QueryBatch
 
 #: queries per thread task and candidates per GEMM: a (128 x 1024) float64 tile of G is 1 MiB
@@ -24,7 +24,7 @@ CANDIDATE_TILE = 1024
 # float32 constants of _corr32 (a float64 constant would promote its loop to float64)
 _F32_ZERO = np.float32(0.0)
 _F32_ONE = np.float32(1.0)
-_F32_EXP_CLAMP = np.float32(87.0)  # exp32_nonpositive_inplace clamps its argument at -87
+_F32_EXP_CLAMP = -_EXP32_MIN  # exp32_nonpositive_inplace clamps its argument at this, negated
 _F32_MINUS_HALF = np.float32(-0.5)
 _F32_FIVE_THIRDS = np.float32(5.0 / 3.0)
 _SQRT3_F32 = np.float32(_SQRT3)
