@@ -1,12 +1,21 @@
 """Scalar float64 building blocks shared by the Numba code paths.
 
-- ``correlation``: g(r^2) for each kernel family, by the integer ids of ``kernels.KERNEL_IDS``.
+- ``correlation``: g(r^2) for each kernel family, by the integer ids of ``kernels.KERNEL_IDS``,
+  with ``portable_exp``: the accurate path's kernel value, the same bits on every CPU and in
+  the Rust oracle.
 - ``two_sum`` / ``two_prod`` / ``dot2``: error-free transformations and the compensated dot
   product Dot2 of Ogita, Rump and Oishi (2005). Dot2 returns the dot product as if it had
   been accumulated in twice the working precision, then split into hi + lo; we need it
   where p is tiny and k_ij - V_i.V_j cancels almost completely.
   two_prod takes the product's rounding error from a fused multiply-add (an LLVM
   intrinsic: exact on every target, a hardware instruction where the CPU has FMA).
+
+Flags: every Numba function of the package that is not ``inline="always"`` states ``fastmath``
+explicitly. Numba compiles a callee that does not with the flags of the first caller that
+compiles it, so a ``fastmath={"contract"}`` caller would let LLVM fuse the accurate path's
+multiply-adds into FMAs on FMA targets only (tests/test_precision.py checks the rule). An
+``inline="always"`` function takes its caller's flags: the accurate helpers here are inlined
+only into ``fastmath=False`` functions.
 """
 
 from __future__ import annotations
@@ -21,18 +30,78 @@ _SQRT3 = math.sqrt(3.0)
 _SQRT5 = math.sqrt(5.0)
 
 
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: n * _LN2_HI is exact for |n| < 2**11
+_LN2_LO = 1.90821492927058770002e-10
+_ROUND_SHIFT = 6755399441055744.0  # 1.5 * 2**52: adding it rounds to an integer kept in the low bits
+#: 1/i! for the degree-13 Taylor polynomial of exp on |r| <= ln2/2 (each a correctly rounded quotient)
+_EXP_COEF = tuple(1.0 / math.factorial(i) for i in range(14))
+_E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13 = _EXP_COEF
+#: below it portable_exp returns 0 (exp(-708) ~ 3.3e-308: an absolute error far below any margin)
+_EXP_MIN = -708.0
+#: above it portable_exp returns inf (the kernels only take arguments <= 0)
+_EXP_MAX = 709.0
+
+
+@njit(inline="always", cache=True)
+def portable_exp(x):
+    """exp(x) from IEEE +, -, * and an exact ldexp in one fixed order, so that it returns the same
+    bits on every CPU, under any Numba target, and in the Rust oracle (rust_ref/src/kernels.rs,
+    ``portable_exp``, written the same way) -- unlike libm's exp, numpy's SIMD-dispatched one
+    or SVML. Cody-Waite reduction x = n ln2 + r, degree-13 Taylor polynomial by Horner's rule
+    without FMA, 2^n exactly. Relative error below 3 u (u = 2^-53; docs/precision.md derives it);
+    0 below -708, inf above 709, nan for nan. Callers must not run under fastmath (an FMA
+    contracted into Horner's rule would change the bits on FMA targets only)."""
+    if math.isnan(x):
+        return x
+    if x < _EXP_MIN:
+        return 0.0
+    if x > _EXP_MAX:
+        return math.inf
+    t, r = _exp_reduce(x)
+    return math.ldexp(_exp_taylor(r), int(t - _ROUND_SHIFT))
+
+
+@njit(inline="always", cache=True)
+def _exp_reduce(x):
+    """(t, r) with x = n ln2 + r, |r| <= ln2/2 (+ rounding), n = t - _ROUND_SHIFT exactly."""
+    t = x * _LOG2E + _ROUND_SHIFT
+    nf = t - _ROUND_SHIFT
+    return t, (x - nf * _LN2_HI) - nf * _LN2_LO
+
+
+@njit(inline="always", cache=True)
+def _exp_taylor(r):
+    """sum_(i <= 13) r^i / i! by Horner's rule (contracted to FMAs only inside fastmath callers)."""
+    p = _E13 * r + _E12
+    p = p * r + _E11
+    p = p * r + _E10
+    p = p * r + _E9
+    p = p * r + _E8
+    p = p * r + _E7
+    p = p * r + _E6
+    p = p * r + _E5
+    p = p * r + _E4
+    p = p * r + _E3
+    p = p * r + _E2
+    p = p * r + _E1
+    return p * r + _E0
+
+
 @njit(inline="always", cache=True)
 def correlation(kernel_id, r2):
+    """g(r^2) of the kernel family ``kernel_id`` (kernels.KERNEL_IDS), with portable_exp: the
+    accurate path's value, bitwise the Rust oracle's ``Kernel::from_r2``."""
     if kernel_id == 0:
-        return math.exp(-0.5 * r2)
+        return portable_exp(-0.5 * r2)
     r = math.sqrt(r2)
     if kernel_id == 1:
-        return math.exp(-r)
+        return portable_exp(-r)
     if kernel_id == 2:
         sr = _SQRT3 * r
-        return (1.0 + sr) * math.exp(-sr)
+        return (1.0 + sr) * portable_exp(-sr)
     sr = _SQRT5 * r
-    return (1.0 + sr + (5.0 / 3.0) * r2) * math.exp(-sr)
+    return (1.0 + sr + (5.0 / 3.0) * r2) * portable_exp(-sr)
 
 
 @njit(inline="always", cache=True)
@@ -130,7 +199,7 @@ def accurate_abs_rho4(xa, va, pa, x, v, p, j0, j1, j2, j3, scale, kernel_id, var
         out[at + i] = _finish_abs_rho(kval, his[i], los[i], pa, p[j])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def row_norms(v):
     """||V_i|| with a plain sequential sum of squares (no BLAS, no reordering).
 
@@ -146,7 +215,7 @@ def row_norms(v):
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def residual_variances(v, variance, floor):
     """p_i = max(variance - ||V_i||^2, floor), with ||V_i||^2 from Dot2.
 
@@ -160,12 +229,6 @@ def residual_variances(v, variance, floor):
         p = (variance - hi) - lo
         out[i] = max(floor, p)
     return out
-
-
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: n * _LN2_HI is exact for |n| < 2**11
-_LN2_LO = 1.90821492927058770002e-10
-_ROUND_SHIFT = 6755399441055744.0  # 1.5 * 2**52: adding it rounds to an integer kept in the low bits
 
 
 @njit(inline="always", cache=True, fastmath={"contract"})
@@ -183,23 +246,8 @@ def exp_nonpositive_inplace(z, scratch):
     for b in range(width):
         x = z[b]
         x = max(-708.0, x)
-        t = x * _LOG2E + _ROUND_SHIFT
-        nf = t - _ROUND_SHIFT
-        r = (x - nf * _LN2_HI) - nf * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        z[b] = p * r + 1.0
+        t, r = _exp_reduce(x)
+        z[b] = _exp_taylor(r)
         tb[b] = t
     bits = tb.view(np.int64)
     for b in range(width):

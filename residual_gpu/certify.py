@@ -40,7 +40,7 @@ def _dist(a):
     return math.sqrt(1.0 - a)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def certify_and_rank(k, cand_index, cand_a, a_dropped, margin, qx, qv, qp, x, v, p, scale,
                      kernel_id, variance, out_index, out_dist, certified, accurate_evals):
     for r in prange(cand_index.shape[0]):

@@ -55,7 +55,7 @@ def _transpose_key(cells, bits):
     return key
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def _hilbert_keys(x, lo, width, bits):
     n, d = x.shape
     out = np.empty(n, dtype=np.int64)

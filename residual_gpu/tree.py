@@ -61,7 +61,7 @@ def block_bounds(n: int, leaf_size: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _build_kd(idx, x, inv_scale, leaf_size, first_id, start0,
               node_start, node_end, node_left, node_right, node_lo, node_hi, node_min, perm):
     """kd-tree over the dataset indices ``idx`` (ascending), preorder ids from ``first_id``.
@@ -150,7 +150,7 @@ def _build_kd(idx, x, inv_scale, leaf_size, first_id, start0,
     return nid
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def _transform_rows_sequential(t, v, y):
     """z[j, u] = (sum_{w <= u} T[u, w] V[j, w]) * y_j, summed from 0.0 in ascending w.
 
@@ -167,7 +167,7 @@ def _transform_rows_sequential(t, v, y):
     return z
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _leaf_minmax(z, c0, leaf_ids, node_start, node_end, zlo, zhi, y, vnorm, ymin, ymax, zeta):
     """Per leaf (rows of z are tree positions c0, c0+1, ...): coordinate box and scalars."""
     for li in range(leaf_ids.size):
@@ -197,7 +197,7 @@ def _leaf_minmax(z, c0, leaf_ids, node_start, node_end, zlo, zhi, y, vnorm, ymin
         zeta[nd] = zt
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _merge_up(node_left, node_right, zlo, zhi, ymin, ymax, zeta):
     """Internal nodes' summaries from their children (reverse preorder: children first)."""
     for nd in range(node_left.size - 1, -1, -1):

@@ -108,7 +108,7 @@ def residual_bound(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, xq, i
     return min(1.0, u)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def _solve_sequential(t, v):
     """a = T^-T v_q by back substitution and back = T^T a, row by row, in fixed order (the
     parity preset's replacement for the LAPACK solve and dtrmm)."""
@@ -129,7 +129,7 @@ def _solve_sequential(t, v):
     return a, back
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _sequential_products(amat, absa, mid, rad):
     """s0 = amat @ mid.T and sr = absa @ rad.T, each entry summed from 0.0 in ascending order
     (the parity preset's replacement for the two bound GEMMs)."""
@@ -147,7 +147,7 @@ def _sequential_products(amat, absa, mid, rad):
     return s0, sr
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def _bound_matrix(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, node_lo, node_hi, node_ymin, node_ymax,
                   node_zeta, node_zabs, s0, sr, qx, inv_scale, qip, qrn, qna, out):
     for i in prange(qx.shape[0]):
@@ -178,7 +178,7 @@ def _fr_swap(fk, fs, fn, fslot, i, j):
     fslot[i], fslot[j] = fslot[j], fslot[i]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _fr_push(fk, fs, fn, fslot, size, key, nsize, node, slot):
     pos = size
     fk[pos] = key
@@ -193,7 +193,7 @@ def _fr_push(fk, fs, fn, fslot, size, key, nsize, node, slot):
         pos = parent
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _fr_pop(fk, fs, fn, fslot, size):
     """Remove the root (the caller read it); ``size`` is the size before removal."""
     last = size - 1
@@ -211,7 +211,7 @@ def _fr_pop(fk, fs, fn, fslot, size):
         pos = child
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _fr_grow(fk, fs, fn, fslot, pool):
     """Twice the capacity; the new slots (all free) are returned as the free list."""
     cap = fk.shape[0]
@@ -255,7 +255,7 @@ def _worse(a1, j1, a2, j2):
     return a1 < a2 or (a1 == a2 and j1 > j2)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _eu_push(ha, hi, size, keep, a, j):
     if size < keep:
         pos = size
@@ -305,7 +305,7 @@ def _prefix(pidx, start, end, limit):
     return lo - start
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _accurate_row(kernel_id, variance, xq, vq, pq, pxt, pv, pp, scale, c0, out):
     """out[b] = the accurate (Dot2) |rho| between the query and point c0 + b: the parity
     preset's block values. A separate function without fastmath, so no FMA is contracted in."""
@@ -463,7 +463,7 @@ def _kth_push(ka, size, a):
 # --------------------------------------------------------------------------------------
 # the traversal
 # --------------------------------------------------------------------------------------
-@njit(cache=True)  # no FMA contraction: the parity preset's bounds must round as written
+@njit(cache=True, fastmath=False)  # no FMA contraction: the parity preset's bounds must round as written
 def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, pop_batch, blk_cap,
                    node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
                    node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
@@ -687,7 +687,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
             ctr[C_YIELDS] += 1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, pop_batch, blk_cap,
               node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
               node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
@@ -707,7 +707,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
                        qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def _gather_rows(src, rows, out):
     """out[i] = src[rows[i]], cast to out's dtype, in one pass (V in tree order)."""
     for i in prange(rows.shape[0]):

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from conftest import KERNEL_CLASSES
+from numba import njit
+from numba.core.registry import CPUDispatcher as Dispatcher
 
 import residual_gpu as rg
-from residual_gpu._numba_math import exp32_nonpositive_inplace, exp_nonpositive_inplace
+from residual_gpu._numba_math import (
+    correlation,
+    exp32_nonpositive_inplace,
+    exp_nonpositive_inplace,
+    portable_exp,
+    scaled_sq_distance,
+)
 from residual_gpu.backends.cpu import _dense_tile
+from residual_gpu.kernels import KERNEL_IDS
 from residual_gpu.precision import UNIT_ROUNDOFF, kernel_error, query_margins
 from residual_gpu.reference import residual_rho_block
+
+
+@njit(fastmath=False)
+def portable_exp_py(x):
+    return portable_exp(x)
+
+
+@njit(fastmath=False)
+def _accurate_covariance(x1, x2, scale, kernel_id, variance):
+    out = np.empty((x1.shape[0], x2.shape[0]))
+    for i in range(x1.shape[0]):
+        for j in range(x2.shape[0]):
+            out[i, j] = variance * correlation(kernel_id, scaled_sq_distance(x1[i], x2[j], scale))
+    return out
 
 
 def test_polynomial_exp_within_3_ulp_of_libm():
@@ -23,6 +48,60 @@ def test_polynomial_exp_within_3_ulp_of_libm():
     far = np.array([-708.0, -750.0, -1e6])
     exp_nonpositive_inplace(far, np.empty(3))
     assert np.all(far == far[0]) and 0 < far[0] < 1e-307  # clamped, never 0 or nan
+
+
+def test_portable_exp_within_its_bound():
+    """The accurate path's exp (docs/precision.md, "The accurate path's exp"): relative error
+    below 3 u against the exact value; libm's own error is at most 1 u here (glibc: < 0.51 ulp),
+    so the two differ by less than 4 u. Special values as documented."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([-rng.random(200_000) * 708, rng.random(20_000) * 709, -rng.random(1000) * 1e-12,
+                        np.arange(-708, 709, 0.34657359027997264), [0.0, -708.0, 709.0, 5e-324, -5e-324]])
+    got = np.array([portable_exp_py(t) for t in x])
+    want = np.array([math.exp(t) for t in x])
+    rel = np.abs(got - want) / want / UNIT_ROUNDOFF[np.dtype(np.float64)]
+    assert np.max(rel) < 4.0
+    assert np.count_nonzero(got != want) > 0  # it is not libm's exp in disguise
+    assert portable_exp_py(0.0) == 1.0
+    assert portable_exp_py(-708.01) == 0.0 and portable_exp_py(-math.inf) == 0.0
+    assert portable_exp_py(709.01) == math.inf
+    assert math.isnan(portable_exp_py(math.nan))
+
+
+def test_numba_functions_state_their_fastmath_flags():
+    """Numba compiles a function that does not state ``fastmath`` with the flags of its first
+    caller, so one called from a ``fastmath={"contract"}`` function gets FMAs contracted in on
+    FMA targets only: the accurate path would depend on the CPU (_numba_math's docstring)."""
+    import residual_gpu._numba_math
+    import residual_gpu.backends.cpu
+    import residual_gpu.certify
+    import residual_gpu.hilbert
+    import residual_gpu.tree
+    import residual_gpu.tree_search
+
+    silent = []
+    for module in (residual_gpu._numba_math, residual_gpu.backends.cpu, residual_gpu.certify, residual_gpu.hilbert,
+                   residual_gpu.tree, residual_gpu.tree_search):
+        for name, obj in vars(module).items():
+            if isinstance(obj, Dispatcher) and obj.__module__ == module.__name__:
+                opts = obj.targetoptions
+                if opts.get("inline") != "always" and "fastmath" not in opts:
+                    silent.append(f"{module.__name__}.{name}")
+    assert not silent, f"state fastmath=False (or the flags wanted) on {silent}"
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern12", "matern32", "matern52"])
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_accurate_kernel_values_are_the_oracles_bit_for_bit(kernel, d):
+    """The accurate path's k(x, y) (portable_exp, fixed-order r^2, no contraction) equals the
+    Rust oracle's everywhere: the parity preset needs no last-bit luck from libm or the CPU."""
+    oracle = pytest.importorskip("residual_gpu_ref")
+    rng = np.random.default_rng(d)
+    x1, x2 = rng.random((200, d)) * 3, rng.random((300, d)) * 3
+    ls = rng.uniform(0.05, 2.0, d)
+    ours = _accurate_covariance(x1, x2, ls, KERNEL_IDS[kernel], 1.3)
+    theirs = oracle.covariance_block(x1, x2, kernel=kernel, lengthscale=ls, variance=1.3)
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def test_float32_polynomial_exp_within_its_bound():

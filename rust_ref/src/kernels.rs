@@ -12,6 +12,57 @@ use rayon::prelude::*;
 const SQRT3: f64 = 1.732_050_807_568_877_2_f64; // == 3f64.sqrt()
 const SQRT5: f64 = 2.236_067_977_499_79_f64; // == 5f64.sqrt()
 
+const LOG2E: f64 = 1.442_695_040_888_963_4;
+/// fdlibm's split of ln 2: n * LN2_HI is exact for |n| < 2^11.
+const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
+const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+/// 1.5 * 2^52: adding it rounds to an integer kept in the low bits.
+const ROUND_SHIFT: f64 = 6_755_399_441_055_744.0;
+/// 1/i! for i = 0..=13, each a correctly rounded quotient (as `1.0 / math.factorial(i)`).
+const EXP_COEF: [f64; 14] = [
+    1.0,
+    1.0,
+    1.0 / 2.0,
+    1.0 / 6.0,
+    1.0 / 24.0,
+    1.0 / 120.0,
+    1.0 / 720.0,
+    1.0 / 5040.0,
+    1.0 / 40320.0,
+    1.0 / 362880.0,
+    1.0 / 3628800.0,
+    1.0 / 39916800.0,
+    1.0 / 479001600.0,
+    1.0 / 6227020800.0,
+];
+
+/// exp(x) from IEEE +, -, * and an exact power of two, in one fixed order: bit for bit
+/// `residual_gpu._numba_math.portable_exp` on every CPU, whatever libm the process links.
+/// Cody-Waite reduction x = n ln2 + r, the degree-13 Taylor polynomial by Horner's rule (no
+/// FMA: Rust never contracts), times 2^n. Relative error below 3u (docs/precision.md);
+/// 0 below -708, inf above 709, nan for nan.
+pub fn portable_exp(x: f64) -> f64 {
+    if x.is_nan() {
+        return x;
+    }
+    if x < -708.0 {
+        return 0.0;
+    }
+    if x > 709.0 {
+        return f64::INFINITY;
+    }
+    let t = x * LOG2E + ROUND_SHIFT;
+    let nf = t - ROUND_SHIFT;
+    let r = (x - nf * LN2_HI) - nf * LN2_LO;
+    let mut p = EXP_COEF[13] * r + EXP_COEF[12];
+    for c in EXP_COEF[..12].iter().rev() {
+        p = p * r + c;
+    }
+    // n in [-1021, 1023]: 2^n is a normal number and the product is exact
+    let n = nf as i64;
+    p * f64::from_bits(((n + 1023) as u64) << 52)
+}
+
 /// The supported covariance families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
@@ -56,18 +107,18 @@ impl Kernel {
     #[inline(always)]
     pub fn from_r2(self, r2: f64, s2: f64) -> f64 {
         match self {
-            Kernel::Rbf => s2 * (-r2 / 2.0).exp(),
+            Kernel::Rbf => s2 * portable_exp(-r2 / 2.0),
             Kernel::Matern12 => {
                 let r = r2.sqrt();
-                s2 * (-r).exp()
+                s2 * portable_exp(-r)
             }
             Kernel::Matern32 => {
                 let r = r2.sqrt();
-                s2 * ((1.0 + SQRT3 * r) * (-SQRT3 * r).exp())
+                s2 * ((1.0 + SQRT3 * r) * portable_exp(-SQRT3 * r))
             }
             Kernel::Matern52 => {
                 let r = r2.sqrt();
-                s2 * ((1.0 + SQRT5 * r + (5.0 / 3.0) * r2) * (-SQRT5 * r).exp())
+                s2 * ((1.0 + SQRT5 * r + (5.0 / 3.0) * r2) * portable_exp(-SQRT5 * r))
             }
         }
     }
@@ -247,12 +298,34 @@ mod tests {
         let p = |k| KernelParams::new(k, vec![0.5], 2.0).unwrap();
         let x = [0.75];
         let y = [0.25];
-        assert_eq!(p(Kernel::Rbf).cov(&x, &y), 2.0 * (-0.5f64).exp());
-        assert_eq!(p(Kernel::Matern12).cov(&x, &y), 2.0 * (-1f64).exp());
+        assert!(close(p(Kernel::Rbf).cov(&x, &y), 2.0 * (-0.5f64).exp(), 1e-15));
+        assert!(close(p(Kernel::Matern12).cov(&x, &y), 2.0 * (-1f64).exp(), 1e-15));
         let want32 = 2.0 * (1.0 + 3f64.sqrt()) * (-(3f64.sqrt())).exp();
         assert!(close(p(Kernel::Matern32).cov(&x, &y), want32, 1e-15));
         let want52 = 2.0 * (1.0 + 5f64.sqrt() + 5.0 / 3.0) * (-(5f64.sqrt())).exp();
         assert!(close(p(Kernel::Matern52).cov(&x, &y), want52, 1e-15));
+    }
+
+    #[test]
+    fn portable_exp_is_within_its_bound_of_libm() {
+        // |portable - exact| < 3u |exact| and |libm - exact| <= 1u |exact| (half an ulp, plus
+        // glibc's documented slack), so the two differ by at most 4u relative.
+        let u = f64::EPSILON / 2.0;
+        let mut worst = 0.0f64;
+        for i in 0..200_000 {
+            let x = -745.0 + 1454.0 * (i as f64) / 200_000.0;
+            if !(-708.0..=709.0).contains(&x) {
+                continue;
+            }
+            let (got, want) = (portable_exp(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 4.0 * u, "worst relative difference {worst:e}");
+        assert_eq!(portable_exp(0.0), 1.0);
+        assert_eq!(portable_exp(-708.5), 0.0);
+        assert_eq!(portable_exp(710.0), f64::INFINITY);
+        assert!(portable_exp(f64::NAN).is_nan());
+        assert_eq!(portable_exp(f64::NEG_INFINITY), 0.0);
     }
 
     #[test]
