@@ -47,3 +47,40 @@ def query_margins(q_vnorm, q_p, cand_w_max: float, cand_ip_max: float, m: int, d
     ip_q = 1.0 / np.sqrt(q_p)
     e = gamma(m, dtype) * (q_vnorm * ip_q) * cand_w_max + kernel_error(d, dtype) * variance * ip_q * cand_ip_max
     return SAFETY * e + 32.0 * UNIT_ROUNDOFF[np.dtype(dtype)]
+
+
+def accurate_rho_error(q_vnorm, c_vnorm, q_p, c_p, m: int, d: int, variance: float) -> np.ndarray:
+    """Bound on |rho_accurate - rho_exact| for every (query, candidate) pair, shape (q, c), for
+    an accurate evaluation of the reference formula in any order of the kernel's exp: the
+    engines' (Dot2 with portable_exp) or the numpy reference's (Dot2 with numpy's exp), on any
+    CPU, GPU or XLA exp (docs/precision.md, "How far two exact engines may differ"):
+
+        ( kappa_d variance + 2 u (variance + ||V_i|| ||V_j||) + gamma_m^2 ||V_i|| ||V_j|| ) / sqrt(p_i p_j) + 4 u
+
+    - kappa_d variance: the kernel value (a few ulp of exp/sqrt, r^2's rounding amplified);
+    - 2 u (variance + |s|) + gamma_m^2 sum_t |V_it V_jt|: Dot2's error (Ogita, Rump & Oishi,
+      2005: u |s| + gamma_m^2 sum |x_t y_t|) and the two subtractions k - s_hi - s_lo, with
+      |s| and the sum bounded by ||V_i|| ||V_j|| (Cauchy-Schwarz);
+    - 4 u: the product p_i p_j, its square root, the division (relative, |rho| <= 1 after the clamp).
+    """
+    u = UNIT_ROUNDOFF[np.dtype(np.float64)]
+    g = gamma(m)
+    vv = np.multiply.outer(np.asarray(q_vnorm, dtype=np.float64), np.asarray(c_vnorm, dtype=np.float64))
+    num = kernel_error(d) * variance + 2.0 * u * (variance + vv) + g * g * vv
+    return num / np.sqrt(np.multiply.outer(np.asarray(q_p, dtype=np.float64), np.asarray(c_p, dtype=np.float64))) + 4.0 * u
+
+
+def distance_tolerance(d_ref, rho_error) -> np.ndarray:
+    """Largest |d_engine - d_ref| two accurate evaluations may show, given the reference distance
+    d_ref and the bound rho_error on each side's |rho| error (accurate_rho_error; pass the sum of
+    both sides'). d = sqrt(1 - a): with |a' - a| <= E, d'^2 lies in [d^2 - E, d^2 + E] (plus the
+    rounding of 1 - a, 2 u), so d' lies between the square roots of those ends; 4 u more covers
+    the rounding of either square root. Exact where E is tiny (|delta d| ~ E / 2d) and where d ~ 0
+    (|delta d| <= sqrt(E)), unlike the first-order E / 2d."""
+    u = UNIT_ROUNDOFF[np.dtype(np.float64)]
+    d = np.asarray(d_ref, dtype=np.float64)
+    e = np.asarray(rho_error, dtype=np.float64) + 2.0 * u
+    d2 = d * d
+    below = d - np.sqrt(np.maximum(d2 - e, 0.0))
+    above = np.sqrt(np.minimum(d2 + e, 1.0)) - d
+    return np.maximum(below, above) * (1.0 + 8.0 * u) + 4.0 * u
