@@ -6,6 +6,7 @@ raises a typed error that quotes the argument's name and the offending value.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -121,3 +122,93 @@ def as_index_array(value, name: str, *, n: int) -> np.ndarray:
         i = int(np.flatnonzero(bad)[0])
         raise InvalidArgumentError(f"{name} must be in [0, {n}), got {name}[{i}]={_describe(arr[i])}")
     return out
+
+
+#: Largest accepted bound R2 on the scaled squared distance r^2 = sum_t ((x_t - y_t) / l_t)^2
+#: between any two points a problem compares (data, inducing and query coordinates).
+#: Every kernel formula must stay finite and accurate up to it: r^2 itself, a d-term sum of
+#: squares each <= R2, (5/3) r^2 and 1 + sqrt5 r + (5/3) r^2 of Matern 5/2 (beyond float64's
+#: 1.8e308 they become inf, and inf * exp(-inf) = nan, which the clamp turns into |rho| = 1).
+#: The limit sits far below that because the CPU fast path clamps exp's argument at -708:
+#: Matern 5/2's polynomial times exp(-708) ~ 3.3e-308 is 5.5e-28 at r^2 = 1e280, far below the
+#: kernel rounding margin (4 d + 64) u ~ 7.5e-15 of precision.py, but 5.5e-9 at 1e299.
+MAX_SCALED_SQ_DISTANCE = 1e280
+
+
+def coordinate_bounds(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column (min, max) of a float64 coordinate array (n, d), as fresh arrays."""
+    return x.min(axis=0), x.max(axis=0)
+
+
+def _pow10(log10_value: float) -> str:
+    """10 ** log10_value in the style '1.0e+321', also beyond float64's range."""
+    if log10_value == -np.inf:
+        return "0"
+    exp = math.floor(log10_value)
+    mant = f"{10.0 ** (log10_value - exp):.1f}"
+    if mant == "10.0":
+        exp, mant = exp + 1, "1.0"
+    return f"{mant}e{exp:+03d}"
+
+
+def _lengthscale_text(lengthscale) -> str:
+    if isinstance(lengthscale, np.ndarray):
+        text = repr(lengthscale.tolist())
+        return text if len(text) <= 80 else text[:77] + "..."
+    return repr(lengthscale)
+
+
+def check_scaled_spread(parts, lengthscales: np.ndarray, *, lengthscale=None) -> tuple[np.ndarray, np.ndarray]:
+    """Reject coordinates so many lengthscales apart that the kernel overflows or loses float64 accuracy.
+
+    ``parts`` is a sequence of ``(name, x)`` where x is a finite float64 array (n, d) or the
+    ``(lo, hi)`` per-column bounds of one (``coordinate_bounds``), all compared with each other.
+    Each part is checked together with the parts before it, so the error names the first
+    argument that makes the union too wide. The bound checked is
+        R2 = sum_t ((max_t - min_t) / l_t)^2 >= any pairwise scaled squared distance,
+    over the union; it must be <= MAX_SCALED_SQ_DISTANCE, and every extent max_t - min_t must
+    itself be finite (near +-1.8e308 the difference of two coordinates overflows).
+    ``lengthscale`` is what the message shows as the user's lengthscale (default: the
+    per-dimension values). Returns the union's (lo, hi) bounds.
+    """
+    scale = np.asarray(lengthscales, dtype=np.float64)
+    shown = _lengthscale_text(scale if lengthscale is None else lengthscale)
+    lo = hi = None
+    seen: list[str] = []
+    for name, x in parts:
+        plo, phi = coordinate_bounds(x) if isinstance(x, np.ndarray) else x
+        lo = plo.copy() if lo is None else np.minimum(lo, plo)
+        hi = phi.copy() if hi is None else np.maximum(hi, phi)
+        who = name if not seen else f"{name} (together with {', '.join(seen)})"
+        seen.append(name)
+        with np.errstate(over="ignore", invalid="ignore"):
+            extent = hi - lo
+            scaled = extent / scale
+        wide = ~np.isfinite(extent)
+        if np.any(wide):
+            t = int(np.flatnonzero(wide)[0])
+            raise InvalidArgumentError(
+                f"{who} spread beyond float64's range: column {t} spans [{lo[t]:.6g}, {hi[t]:.6g}], and the "
+                f"difference of two coordinates overflows float64 (> {np.finfo(np.float64).max:.6g}); "
+                f"shift and rescale the coordinates, got lengthscale={shown}"
+            )
+        # each term <= sqrt(limit)^2, so the d-term sum below cannot overflow
+        if np.all(np.isfinite(scaled)) and scaled.max() <= math.sqrt(MAX_SCALED_SQ_DISTANCE):
+            r2 = float(np.sum(scaled * scaled))
+            if r2 <= MAX_SCALED_SQ_DISTANCE:
+                continue
+        # too wide: the values for the message, in log10 (they may exceed float64's range)
+        with np.errstate(divide="ignore"):
+            log_scaled = np.log10(extent) - np.log10(scale)
+        t = int(np.argmax(log_scaled))
+        top = float(log_scaled[t])
+        log_r2 = 2.0 * top + math.log10(float(np.sum(10.0 ** (2.0 * (log_scaled - top)))))
+        limit = f"{MAX_SCALED_SQ_DISTANCE:.0e}"
+        why = (f"overflows float64; the limit is {limit}" if log_r2 > math.log10(np.finfo(np.float64).max)
+               else f"exceeds {limit}, the most the kernel evaluates accurately in float64")
+        raise InvalidArgumentError(
+            f"{who} spread {_pow10(log_r2 / 2.0)} lengthscales apart (scaled squared distance {_pow10(log_r2)} "
+            f"{why}): column {t} spans [{lo[t]:.6g}, {hi[t]:.6g}], {_pow10(top)} times its lengthscale "
+            f"{scale[t]:.6g}; rescale the coordinates or use a larger lengthscale, got lengthscale={shown}"
+        )
+    return lo, hi

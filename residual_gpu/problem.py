@@ -13,7 +13,7 @@ import numpy as np
 import scipy.linalg
 
 from ._numba_math import residual_variances, row_norms
-from ._validation import as_float_matrix, as_float_vector, as_int
+from ._validation import as_float_matrix, as_float_vector, as_int, check_scaled_spread
 from .errors import InvalidArgumentError, InvalidTypeError
 from .inducing import kmeanspp_indices
 from .kernels import Kernel, make_kernel
@@ -37,7 +37,10 @@ class ResidualProblem:
     Parameters
     ----------
     coords : array (n, d)
-        Point coordinates; any real dtype, copied to float64.
+        Point coordinates; any real dtype, copied to float64. Together with the inducing points
+        (and later query locations) they may span at most sum_t (extent_t / l_t)^2 <= 1e280
+        (``_validation.MAX_SCALED_SQ_DISTANCE``): farther apart the kernel overflows float64 and
+        InvalidArgumentError is raised.
     kernel : Kernel
         ``RBF``, ``Matern12``, ``Matern32`` or ``Matern52``.
     inducing : int or array (m, d)
@@ -66,6 +69,7 @@ class ResidualProblem:
         else:
             u = as_float_matrix(inducing, "inducing", ncols=self.d)
             self.inducing_indices = None
+            self._check_inducing_spread(u)
         self._set_inducing(u)
         v = np.empty((n, self.m))
         for start in range(0, n, _ROW_CHUNK):
@@ -101,6 +105,7 @@ class ResidualProblem:
                 raise InvalidArgumentError(
                     f"inducing must have m={vv.shape[1]} rows to match v's columns, got inducing.shape={u.shape}"
                 )
+            self._check_inducing_spread(u)
             self._set_inducing(u)
         self._set_factors(vv, pp)
         return self
@@ -117,6 +122,18 @@ class ResidualProblem:
             raise InvalidArgumentError(f"jitter must be finite and >= 0, got jitter={jitter!r}")
         if not (np.isfinite(self.p_floor) and self.p_floor > 0):
             raise InvalidArgumentError(f"p_floor must be finite and > 0, got p_floor={p_floor!r}")
+        # before any O(n m) work (kmeans++, V): coordinates too many lengthscales apart overflow
+        # the kernel (docs in _validation.MAX_SCALED_SQ_DISTANCE). _bounds is the per-column
+        # (min, max) of every point compared so far (coords, then the inducing points), kept so
+        # that a query checks its spread without rescanning the n points.
+        self._bounds = tuple(_frozen(b) for b in check_scaled_spread(
+            [("coords", x)], self.lengthscales, lengthscale=self.kernel.lengthscale))
+
+    def _check_inducing_spread(self, u):
+        """The spread check of coords together with given inducing points (kmeans++ picks data
+        points, which cannot widen the bounds)."""
+        self._bounds = tuple(_frozen(b) for b in check_scaled_spread(
+            [("coords", self._bounds), ("inducing", u)], self.lengthscales, lengthscale=self.kernel.lengthscale))
 
     def _set_inducing(self, u):
         self.inducing = _frozen(u)
@@ -157,6 +174,8 @@ class ResidualProblem:
             raise InvalidArgumentError(
                 "query_coords needs the inducing points: pass inducing=U to ResidualProblem.from_factors"
             )
+        check_scaled_spread([("the problem's coords and inducing points", self._bounds), ("query_coords", xq)],
+                            self.lengthscales, lengthscale=self.kernel.lengthscale)
         vq = np.ascontiguousarray(self._solve_cross(xq))
         pq = residual_variances(vq, self.kernel.variance, self.p_floor * self.kernel.variance)
         return xq, vq, pq

@@ -308,3 +308,237 @@ def test_residual_knn_default_inducing_larger_than_small_n(coords):
     """The default inducing=256 cannot be used with 30 points; the error says so."""
     with raises_typed(InvalidArgumentError, "inducing=256", f"[1, {N}]"):
         rg.residual_knn(coords, 3, rg.RBF(0.3))
+
+
+# --------------------------------------------------------------------------------------
+# coordinates too many lengthscales apart (the kernel would overflow float64)
+# --------------------------------------------------------------------------------------
+
+SPREAD_N = 20
+
+
+def _spread_case(case):
+    """(coords, kernel, inducing array, far query coords) for one way of overflowing r^2.
+
+    The query coordinates are far from a problem that is itself fine (built with the same
+    kernel on ``near``), so that the query-time check is what has to catch them.
+    """
+    x = np.random.default_rng(5).random((SPREAD_N, 2))
+    if case == "far_coords":  # ~1e160 apart, lengthscale 1
+        kern = rg.Matern52(1.0)
+        far = x * 1e160
+        near, xq = x, x[:3] + np.array([1e160, 0.0])
+    elif case == "tiny_lengthscale":  # ordinary coordinates, lengthscale 1e-160
+        kern = rg.Matern52(1e-160)
+        far = x
+        near, xq = np.zeros((SPREAD_N, 2)), x[:3]
+    elif case == "tiny_ard_dimension":  # only dimension 1 has a tiny lengthscale
+        kern = rg.Matern52([0.3, 1e-160])
+        far = x
+        near = np.column_stack([x[:, 0], np.zeros(SPREAD_N)])
+        xq = x[:3]
+    else:  # "difference_overflows": max - min overflows float64, whatever the lengthscale
+        kern = rg.Matern52(1e300)
+        far = np.array(x) * 1e307
+        far[0, 0], far[1, 0] = -1e308, 1e308
+        near = np.array(x)
+        near[:, 0] = 1e308
+        xq = np.array(x[:3])
+        xq[:, 0] = -1e308
+    return far, kern, far[:4] + 0.0, near, xq
+
+
+SPREAD_CASES = ["far_coords", "tiny_lengthscale", "tiny_ard_dimension", "difference_overflows"]
+
+
+def _spread_needles(name, case):
+    needles = [name, "lengthscale="]
+    needles.append("overflows float64")
+    if case == "tiny_ard_dimension":
+        needles += ["column 1", "lengthscale=[0.3, 1e-160]"]
+    elif case == "difference_overflows":
+        needles += ["column 0", "1e+308", "lengthscale=1e+300"]
+    elif case == "far_coords":
+        needles += ["lengthscales apart", "lengthscale=1.0"]
+    else:
+        needles += ["lengthscales apart", "lengthscale=1e-160"]
+    return needles
+
+
+@pytest.mark.parametrize("case", SPREAD_CASES)
+def test_spread_rejected_with_kmeans_inducing(case):
+    far, kern, _u, _near, _xq = _spread_case(case)
+    with raises_typed(InvalidArgumentError, *_spread_needles("coords", case)):
+        rg.ResidualProblem(far, kernel=kern, inducing=3)
+
+
+@pytest.mark.parametrize("case", SPREAD_CASES)
+def test_spread_rejected_with_inducing_array(case):
+    far, kern, u, near, _xq = _spread_case(case)
+    with raises_typed(InvalidArgumentError, *_spread_needles("coords", case)):
+        rg.ResidualProblem(far, kernel=kern, inducing=u)
+    # coords alone are fine; the given inducing points are what is too far away
+    with raises_typed(InvalidArgumentError, *_spread_needles("inducing", case)):
+        rg.ResidualProblem(near, kernel=kern, inducing=u)
+
+
+@pytest.mark.parametrize("case", SPREAD_CASES)
+def test_spread_rejected_by_from_factors(case):
+    far, kern, u, near, _xq = _spread_case(case)
+    v = np.full((SPREAD_N, 4), 0.1)
+    p = np.full(SPREAD_N, 0.5)
+    with raises_typed(InvalidArgumentError, *_spread_needles("coords", case)):
+        rg.ResidualProblem.from_factors(far, v=v, p=p, kernel=kern)
+    with raises_typed(InvalidArgumentError, *_spread_needles("coords", case)):
+        rg.ResidualProblem.from_factors(far, v=v, p=p, kernel=kern, inducing=u)
+    with raises_typed(InvalidArgumentError, *_spread_needles("inducing", case)):
+        rg.ResidualProblem.from_factors(near, v=v, p=p, kernel=kern, inducing=u)
+
+
+@pytest.mark.parametrize("case", SPREAD_CASES)
+def test_spread_rejected_for_query_coords(case):
+    _far, kern, _u, near, xq = _spread_case(case)
+    prob = rg.ResidualProblem(near, kernel=kern, inducing=2)
+    index = rg.ResidualIndex(prob, backend="cpu")
+    with raises_typed(InvalidArgumentError, *_spread_needles("query_coords", case)):
+        index.query(3, query_coords=xq)
+    with raises_typed(InvalidArgumentError, *_spread_needles("query_coords", case)):
+        prob.factors_at(xq)
+    assert index.query(3, query_coords=near[:2]).indices.shape == (2, 3)  # the index still works
+
+
+@pytest.mark.parametrize("case", SPREAD_CASES)
+def test_spread_rejected_by_residual_knn(case):
+    far, kern, u, near, xq = _spread_case(case)
+    with raises_typed(InvalidArgumentError, *_spread_needles("coords", case)):
+        rg.residual_knn(far, 3, kern, inducing=3, backend="cpu")
+    with raises_typed(InvalidArgumentError, *_spread_needles("inducing", case)):
+        rg.residual_knn(near, 3, kern, inducing=u, backend="cpu")
+    with raises_typed(InvalidArgumentError, *_spread_needles("query_coords", case)):
+        rg.residual_knn(near, 3, kern, inducing=2, query_coords=xq, backend="cpu")
+
+
+@pytest.mark.parametrize("log_r2", [282, 304])
+def test_spread_below_overflow_but_over_the_limit(log_r2):
+    """A scaled squared distance that still fits in float64 but exceeds the limit is rejected:
+    at 1e304 the CPU fast path's Matern 5/2 (exp clamped at -708) is off by ~5e-4 and returned
+    wrong neighbours before this check."""
+    from residual_gpu._validation import MAX_SCALED_SQ_DISTANCE
+
+    assert 10.0**log_r2 > MAX_SCALED_SQ_DISTANCE
+    x = np.random.default_rng(6).random((SPREAD_N, 1))
+    x[0, 0], x[1, 0] = 0.0, 1.0
+    with raises_typed(InvalidArgumentError, f"coords spread 1.0e+{log_r2 // 2} lengthscales apart",
+                      f"scaled squared distance 1.0e+{log_r2} exceeds {MAX_SCALED_SQ_DISTANCE:.0e}",
+                      "column 0", "lengthscale=1.0"):
+        rg.ResidualProblem(x * 10.0 ** (log_r2 / 2), kernel=rg.Matern52(1.0), inducing=2)
+
+
+def test_spread_checked_before_expensive_work(monkeypatch):
+    """The error comes before kmeans++, the Cholesky of K(U, U) and building V."""
+    import residual_gpu.problem as problem_mod
+
+    def boom(*args, **kwargs):
+        raise AssertionError("expensive work ran before the spread check")
+
+    monkeypatch.setattr(problem_mod, "kmeanspp_indices", boom)
+    monkeypatch.setattr(problem_mod.ResidualProblem, "_set_inducing", boom)
+    monkeypatch.setattr(problem_mod.ResidualProblem, "_solve_cross", boom)
+    far, kern, u, near, _xq = _spread_case("far_coords")
+    with raises_typed(InvalidArgumentError, "coords"):
+        rg.ResidualProblem(far, kernel=kern, inducing=3)
+    with raises_typed(InvalidArgumentError, "inducing"):
+        rg.ResidualProblem(near, kernel=kern, inducing=u)
+    with raises_typed(InvalidArgumentError, "inducing"):
+        rg.ResidualProblem.from_factors(near, v=np.ones((SPREAD_N, 4)), p=np.ones(SPREAD_N), kernel=kern,
+                                        inducing=u)
+
+
+def test_spread_check_does_not_rescan_coords_at_query_time(monkeypatch):
+    """factors_at checks the union from the bounds kept at construction, not all n points."""
+    import residual_gpu._validation as validation
+
+    x = np.random.default_rng(7).random((SPREAD_N, 2))
+    prob = rg.ResidualProblem(x, kernel=rg.Matern32(0.3), inducing=3)
+    seen = []
+    real = validation.coordinate_bounds
+    monkeypatch.setattr(validation, "coordinate_bounds", lambda a: seen.append(a.shape) or real(a))
+    prob.factors_at(x[:2])
+    assert seen == [(2, 2)]
+
+
+def test_spread_inputs_not_modified():
+    far, kern, u, near, xq = _spread_case("far_coords")
+    ard = rg.Matern52([0.3, 1e-160])
+    inputs = {"far": far, "u": u, "near": near, "xq": xq}
+    before = {k: a.copy() for k, a in inputs.items()}
+    ls_before = ard.lengthscale.copy()
+    v, p = np.full((SPREAD_N, 4), 0.1), np.full(SPREAD_N, 0.5)
+    v0, p0 = v.copy(), p.copy()
+    with pytest.raises(InvalidArgumentError):
+        rg.ResidualProblem(far, kernel=kern, inducing=3)
+    with pytest.raises(InvalidArgumentError):
+        rg.ResidualProblem(near, kernel=kern, inducing=u)
+    with pytest.raises(InvalidArgumentError):
+        rg.ResidualProblem(near, kernel=ard, inducing=u)
+    with pytest.raises(InvalidArgumentError):
+        rg.ResidualProblem.from_factors(near, v=v, p=p, kernel=kern, inducing=u)
+    with pytest.raises(InvalidArgumentError):
+        rg.ResidualIndex(rg.ResidualProblem(near, kernel=kern, inducing=2), backend="cpu").query(2, query_coords=xq)
+    for k, a in inputs.items():
+        np.testing.assert_array_equal(a, before[k], err_msg=k)
+        assert a.flags.writeable, k
+    np.testing.assert_array_equal(v, v0)
+    np.testing.assert_array_equal(p, p0)
+    assert v.flags.writeable and p.flags.writeable
+    np.testing.assert_array_equal(ard.lengthscale, ls_before)
+    assert kern.lengthscale == 1.0
+
+
+@pytest.mark.parametrize("kernel_cls", [rg.Matern52, rg.Matern32, rg.Matern12, rg.RBF])
+def test_spread_just_inside_the_limit_still_works(kernel_cls):
+    """Two clusters ~sqrt(0.5 * limit) lengthscales apart: builds, and queries give finite distances."""
+    from residual_gpu._validation import MAX_SCALED_SQ_DISTANCE
+
+    rng = np.random.default_rng(8)
+    x = rng.random((24, 2))
+    ls = 0.5
+    sep = ls * np.sqrt(0.5 * MAX_SCALED_SQ_DISTANCE)  # R2 = ((sep + ~1) / ls)^2 + ~4 ~ 0.5 * limit
+    x[12:, 0] += sep
+    kern = kernel_cls(ls)
+    prob = rg.ResidualProblem(x, kernel=kern, inducing=6, seed=0)
+    assert np.all(np.isfinite(prob.v)) and np.all(np.isfinite(prob.p))
+    index = rg.ResidualIndex(prob, backend="cpu")
+    xq = np.vstack([x[:2] + 0.01, x[12:14] - 0.01])
+    res = index.query(4, query_coords=xq)
+    assert np.all(np.isfinite(res.distances)) and not np.any(np.isnan(res.distances))
+    assert np.all(res.distances < 1.0)  # correlated neighbours exist in each query's own cluster
+    # each query's neighbours lie in its own cluster (the other is uncorrelated: |rho| = 0)
+    assert np.all(res.indices[:2] < 12) and np.all(res.indices[2:] >= 12)
+    dataset = index.query(3)
+    assert np.all(np.isfinite(dataset.distances))
+    same = rg.ResidualProblem.from_factors(x, v=prob.v, p=prob.p, kernel=kern, inducing=prob.inducing)
+    assert np.all(np.isfinite(rg.ResidualIndex(same, backend="cpu").query(2, query_coords=xq).distances))
+
+
+def test_check_scaled_spread_helper():
+    """The helper itself: union bounds, the limit on the d-term sum, and the name it blames."""
+    from residual_gpu._validation import MAX_SCALED_SQ_DISTANCE, check_scaled_spread
+
+    a = np.array([[0.0, 5.0], [2.0, -1.0]])
+    b = np.array([[-3.0, 0.0]])
+    a0, b0 = a.copy(), b.copy()
+    lo, hi = check_scaled_spread([("coords", a), ("inducing", b)], np.array([1.0, 2.0]))
+    np.testing.assert_array_equal(lo, [-3.0, -1.0])
+    np.testing.assert_array_equal(hi, [2.0, 5.0])
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+    # every column just inside on its own, but the sum over 4 columns is not
+    d = 4
+    x = np.vstack([np.zeros(d), np.full(d, np.sqrt(0.5 * MAX_SCALED_SQ_DISTANCE))])
+    check_scaled_spread([("coords", x[:, :1])], np.ones(1))
+    with raises_typed(InvalidArgumentError, "coords", "scaled squared distance 2.0e+280"):
+        check_scaled_spread([("coords", x)], np.ones(d))
+    # bounds kept from before are accepted in place of an array; the later part is blamed
+    with raises_typed(InvalidArgumentError, "query_coords (together with coords)"):
+        check_scaled_spread([("coords", (lo, hi)), ("query_coords", np.array([[1e200, 0.0]]))], np.ones(2))
