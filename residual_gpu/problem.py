@@ -10,8 +10,8 @@ rho_ij = (k(x_i, x_j) - V_i . V_j) / sqrt(p_i p_j). Every backend copies these a
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 
+from ._linalg import cholesky_lower, solve_lower_columns
 from ._numba_math import residual_variances, row_norms
 from ._validation import as_float_matrix, as_float_vector, as_int, check_scaled_spread
 from .errors import InvalidArgumentError, InvalidTypeError
@@ -140,13 +140,13 @@ class ResidualProblem:
         self.m = u.shape[0]
         kuu = self.kernel(u)
         kuu[np.diag_indices_from(kuu)] += self.jitter * self.kernel.variance
-        try:
-            self._chol = _frozen(scipy.linalg.cholesky(kuu, lower=True, check_finite=False))
-        except np.linalg.LinAlgError as exc:
+        chol = cholesky_lower(kuu)  # fixed order: the same factor for any thread count (_linalg)
+        if chol is None:
             raise InvalidArgumentError(
                 f"K(U, U) + jitter*variance*I is not positive definite with jitter={self.jitter!r}; "
                 "use fewer or more distinct inducing points, or a larger jitter"
-            ) from exc
+            )
+        self._chol = _frozen(chol)
 
     @property
     def chol(self) -> np.ndarray | None:
@@ -155,10 +155,9 @@ class ResidualProblem:
         return self._chol
 
     def _solve_cross(self, x):
-        """(L^-1 K(U, x))^T for a block of coordinates."""
-        return scipy.linalg.solve_triangular(
-            self._chol, self.kernel(self.inducing, x), lower=True, check_finite=False
-        ).T
+        """(L^-1 K(U, x))^T for a block of coordinates: each row the same bits whatever the block,
+        its size or the thread count (_linalg.solve_lower_columns)."""
+        return solve_lower_columns(self._chol, self.kernel(self.inducing, x))
 
     def _set_factors(self, v, p):
         self.v = _frozen(np.ascontiguousarray(v))
