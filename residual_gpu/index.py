@@ -7,11 +7,17 @@ at least AUTO_VACUOUS_SHARE of brute force's work (the bounds are vacuous, as on
 when the full tree, tried on AUTO_SAMPLE dataset queries (plain mode, k = AUTO_K), would spend
 at least AUTO_MAX_SHARE of brute force's work (distance evaluations plus bound dot products,
 per candidate); the tree otherwise.
+
+``precision="auto"`` rule (precision.choose_precision, docs/precision.md "The float32 fast
+pass"): float32 where the FLOAT32_QUANTILE quantile of the points' float32 margins is below
+FLOAT32_MAX_MARGIN, float64 otherwise (tiny residual variances everywhere, as on `gold`); the
+parity preset is float64 only.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,14 +27,16 @@ from . import search
 from ._numba_math import row_norms
 from ._validation import _describe, as_index_array, as_int
 from .backends import QueryBatch, get_backend
+from .brute import BruteSelect
 from .errors import IndexFormatError, InvalidArgumentError, InvalidTypeError, ResidualGPUError
 from .hilbert import hilbert_order
 from .kernels import Kernel, make_kernel
-from .problem import ResidualProblem
+from .precision import PRECISIONS, choose_precision
+from .problem import ProblemView, ResidualProblem
 from .search import exact_knn, initial_keep
 from .telemetry import Telemetry
 from .tree import DEFAULT_LEAF_SIZE, SearchTree, arrays_digest, build_tree
-from .tree_search import DEFAULT_TILE_SIZE, LEAF_PRECISIONS, POP_BATCH, TreeSearcher
+from .tree_search import DEFAULT_TILE_SIZE, POP_BATCH, TreeSearcher
 
 METHODS = ("auto", "brute", "tree")
 #: ``method="auto"``: below this many points brute force always wins
@@ -50,8 +58,8 @@ AUTO_PRECHECK_P = 0.01
 #: values and no brute-force routing, so that both engines produce the same tree and counters.
 PRESETS = {
     "default": {"leaf_size": DEFAULT_LEAF_SIZE, "tile_size": DEFAULT_TILE_SIZE, "pop_batch": POP_BATCH,
-                "sequential": False, "leaf_precision": "auto"},
-    "parity": {"leaf_size": 16, "tile_size": 32, "pop_batch": 8, "sequential": True, "leaf_precision": "float64"},
+                "sequential": False, "precision": "auto"},
+    "parity": {"leaf_size": 16, "tile_size": 32, "pop_batch": 8, "sequential": True, "precision": "float64"},
 }
 #: saved index files
 INDEX_FORMAT = "residual_gpu.index"
@@ -78,16 +86,20 @@ class ResidualIndex:
 
     ``backend`` ("auto", "cpu", "cuda", "jax") is resolved once here and kept in
     ``self.backend``; ``method`` ("auto", "brute", "tree") likewise in ``self.method``
-    (``self.auto_reason`` says why "auto" chose it). The tree (method "tree") is built here,
-    with ``leaf_size`` points per leaf, and searched in tiles of ``tile_size`` queries, its leaf
-    blocks' fast values in ``leaf_precision`` ("auto", "float64" or "float32"; docs/tree.md,
-    section 4a). All three default to the ``preset``'s: "default", or "parity", the Rust
-    oracle's reference mode, for method "tree" only.
+    (``self.auto_reason`` says why "auto" chose it). ``precision`` ("auto", "float64",
+    "float32") is that of the fast pass of either method, resolved once into
+    ``self.precision`` (``self.precision_reason`` says why); the certification and the
+    re-ranking stay float64, so the answers are the same bits in either (docs/precision.md).
+    The tree (method "tree") is built here, with ``leaf_size`` points per leaf, and searched in
+    tiles of ``tile_size`` queries (docs/tree.md). Leaf size, tile size and precision default to
+    the ``preset``'s: "default", or "parity", the Rust oracle's reference mode, for method "tree"
+    only. ``leaf_precision`` is the deprecated name of ``precision``.
     """
 
     def __init__(self, problem: ResidualProblem, backend: str = "auto", method: str = "auto", *,
                  leaf_size: int | None = None, tile_size: int | None = None, preset: str = "default",
-                 leaf_precision: str | None = None, progress: bool | None = None, _tree=None):
+                 precision: str | None = None, leaf_precision: str | None = None, progress: bool | None = None,
+                 _tree=None):
         if not isinstance(problem, ResidualProblem):
             raise InvalidTypeError(f"problem must be a ResidualProblem, got problem={_describe(problem)}")
         if not isinstance(method, str):
@@ -102,16 +114,26 @@ class ResidualIndex:
         self._options = PRESETS[preset]
         self.leaf_size = as_int(self._options["leaf_size"] if leaf_size is None else leaf_size, "leaf_size", low=1)
         self.tile_size = as_int(self._options["tile_size"] if tile_size is None else tile_size, "tile_size", low=1)
-        if leaf_precision is None:
-            leaf_precision = self._options["leaf_precision"]
-        if not isinstance(leaf_precision, str) or leaf_precision not in LEAF_PRECISIONS:
-            raise InvalidArgumentError(f"leaf_precision must be one of {list(LEAF_PRECISIONS)}, "
-                                       f"got leaf_precision={leaf_precision!r}")
-        if self._options["sequential"] and leaf_precision != "float64":
-            raise InvalidArgumentError(f"preset={preset!r} evaluates float64 values only, got "
-                                       f"leaf_precision={leaf_precision!r}")
-        self.leaf_precision = leaf_precision
+        if leaf_precision is not None:
+            warnings.warn("leaf_precision is deprecated: use precision=, which governs brute force too",
+                          DeprecationWarning, stacklevel=2)
+            if precision is not None and precision != leaf_precision:
+                raise InvalidArgumentError(f"pass precision= only (leaf_precision is its deprecated name), got "
+                                           f"precision={precision!r} and leaf_precision={leaf_precision!r}")
+            precision = leaf_precision
+        if precision is None:
+            precision = self._options["precision"]
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise InvalidArgumentError(f"precision must be one of {list(PRECISIONS)}, got precision={precision!r}")
+        if self._options["sequential"] and precision != "float64":
+            raise InvalidArgumentError(f"preset={preset!r} evaluates float64 values only, got precision={precision!r}")
         self.problem = problem
+        if precision == "auto":
+            precision, self.precision_reason = choose_precision(problem.v_norms, problem.p, problem.m, problem.d,
+                                                                problem.kernel.variance)
+        else:
+            self.precision_reason = ""
+        self.precision = precision
         self._backend = get_backend(backend)
         self.backend = self._backend.name
         self.tree = None
@@ -121,6 +143,7 @@ class ResidualIndex:
         self.auto_estimate: dict = {}
         t0 = time.perf_counter()
         self._prepared = self._backend.prepare(problem)
+        self._brute_select = BruteSelect(self._backend, self._prepared, problem, precision)
         self.build_seconds_by_phase = {"prepare": time.perf_counter() - t0}
         if method == "brute":
             self.method = "brute"
@@ -140,7 +163,7 @@ class ResidualIndex:
         t0 = time.perf_counter()
         self._searcher = TreeSearcher(tree, prob.coords, prob.lengthscales, prob.v, prob.p, prob.kernel,
                                       tile_size=self.tile_size, pop_batch=self._options["pop_batch"],
-                                      sequential=self._options["sequential"], leaf_precision=self.leaf_precision)
+                                      sequential=self._options["sequential"], leaf_precision=self.precision)
         # V, coordinates and 1/sqrt(p) copied into tree order
         self.build_seconds_by_phase["tree_layout"] = time.perf_counter() - t0
 
@@ -158,7 +181,7 @@ class ResidualIndex:
         #    bounds vacuous (as on `gold`)? Then brute force, without the full build.
         if np.median(prob.p) < AUTO_PRECHECK_P * prob.kernel.variance:
             sub = np.sort(np.random.default_rng(1).choice(prob.n, min(prob.n, AUTO_PRECHECK_N), replace=False))
-            view = _ProblemView(prob, sub)
+            view = ProblemView(prob, sub)
             pre = TreeSearcher(build_tree(view, self.leaf_size, progress=False), view.coords, view.lengthscales,
                                view.v, view.p, view.kernel, tile_size=self.tile_size)
             pre_share = _estimate_share(pre, view, None)
@@ -185,9 +208,6 @@ class ResidualIndex:
             self.build_seconds_by_phase["tree_discarded"] = (self.build_seconds_by_phase.get("tree_discarded", 0.0)
                                                              + self.build_seconds_by_phase.pop(phase, 0.0))
         return "brute"
-
-    def _brute_select(self, sub, keep):
-        return self._backend.select_candidates(self._prepared, sub, keep)
 
     def _batch(self, queries, query_coords, predecessor: bool) -> QueryBatch:
         prob = self.problem
@@ -220,7 +240,7 @@ class ResidualIndex:
         # but no row can ever have more than n - 1.
         k = as_int(k, "k", low=1, high=most)
         telemetry = Telemetry(method=self.method, backend=self.backend, queries=batch.size, k=k,
-                              predecessor=bool(predecessor))
+                              predecessor=bool(predecessor), precision=self.precision)
         t0 = time.perf_counter()
         if self.method == "tree":
             tree = self.tree
@@ -282,7 +302,7 @@ class ResidualIndex:
             "kernel_variance": np.asarray(kern.variance), "jitter": np.asarray(prob.jitter),
             "p_floor": np.asarray(prob.p_floor), "method": np.asarray(self.method),
             "leaf_size": np.asarray(self.leaf_size), "tile_size": np.asarray(self.tile_size),
-            "preset": np.asarray(self.preset), "leaf_precision": np.asarray(self.leaf_precision),
+            "preset": np.asarray(self.preset), "precision": np.asarray(self.precision),
             "has_inducing": np.asarray(prob.inducing is not None),
             "inducing": prob.inducing if prob.inducing is not None else np.zeros((0, prob.d)),
         }
@@ -328,7 +348,9 @@ class ResidualIndex:
             leaf_size = int(data["leaf_size"])
             saved_tile = int(data["tile_size"])
             preset = str(data["preset"]) if "preset" in data else "default"
-            leaf_precision = str(data["leaf_precision"]) if "leaf_precision" in data else None
+            # "leaf_precision": files written before precision= governed brute force too
+            saved = data.get("precision", data.get("leaf_precision"))
+            precision = str(saved) if saved is not None else None
         except (KeyError, ValueError, TypeError) as exc:
             raise IndexFormatError(f"{path!r} is malformed: {exc}") from exc
         except ResidualGPUError as exc:
@@ -342,24 +364,10 @@ class ResidualIndex:
             raise IndexFormatError(f"{path!r} has unknown preset {preset!r}")
         return cls(problem, backend=backend, method=method, leaf_size=leaf_size,
                    tile_size=saved_tile if tile_size is None else tile_size, preset=preset,
-                   leaf_precision=leaf_precision, _tree=tree)
+                   precision=precision, _tree=tree)
 
     def __repr__(self) -> str:
         return f"ResidualIndex({self.problem!r}, backend={self.backend!r}, method={self.method!r})"
-
-
-class _ProblemView:
-    """The attributes build_tree and TreeSearcher read, for a subset of a problem's points."""
-
-    def __init__(self, problem: ResidualProblem, rows: np.ndarray):
-        self.coords = problem.coords[rows]
-        self.v = problem.v[rows]
-        self.p = problem.p[rows]
-        self.v_norms = problem.v_norms[rows]
-        self.n = rows.size
-        self.lengthscales = problem.lengthscales
-        self.kernel = problem.kernel
-        self.chol = problem.chol
 
 
 def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | None = None) -> float:

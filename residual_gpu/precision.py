@@ -84,3 +84,57 @@ def distance_tolerance(d_ref, rho_error) -> np.ndarray:
     below = d - np.sqrt(np.maximum(d2 - e, 0.0))
     above = np.sqrt(np.minimum(d2 + e, 1.0)) - d
     return np.maximum(below, above) * (1.0 + 8.0 * u) + 4.0 * u
+
+
+#: the fast pass's precisions (``ResidualIndex(precision=...)``)
+PRECISIONS = ("auto", "float64", "float32")
+#: precision="auto" picks float32 when this quantile of the points' float32 margins (as queries,
+#: against the points with ordinary p) is below FLOAT32_MAX_MARGIN; queries whose own float32
+#: margin exceeds it take the float64 pass, so certification can still separate the k-th
+#: neighbour from what was dropped (docs/precision.md, "The float32 fast pass")
+FLOAT32_QUANTILE = 0.9
+FLOAT32_MAX_MARGIN = 1e-2
+#: brute force's float32 pass leaves the points with p < TINY_P_RATIO * median(p) (the inducing
+#: points and their neighbours) to float64: their 1/sqrt(p) would widen every query's float32
+#: margin. Measured on vif (brute force, predecessor mode): 1/64 (the tree's dense-set ratio)
+#: leaves the median margin at ~1.1e-3 and 2.3% (n = 32768) to 9.7% (n = 8192) of the queries
+#: fail certification once; 1/8 gives ~4e-4 and 1.1% to 4.5%, for a float64 share of 3% to 8%
+#: of the candidates, and was the fastest of 1/64, 1/16, 1/8, 1/4, 1/2 at n = 8192.
+TINY_P_RATIO = 1.0 / 8.0
+#: precision="auto" keeps float64 when more than this share of the points has tiny p: the
+#: float64 share of the pass then costs more than float32 saves (smoke: 512 inducing points
+#: of 2048 data points)
+FLOAT32_MAX_TINY_SHARE = 0.15
+
+
+def float32_margins(q_vnorm, q_p, cand_w_max: float, cand_ip_max: float, m: int, d: int,
+                    variance: float) -> np.ndarray:
+    """What a float32 fast pass adds to query_margins: the dot product's rounding in single
+    precision over m + 2 terms (the products' inputs are rounded to float32 too) and the float32
+    correlation (kernel_error in float32's u); cand_* are maxima over the float32 candidates."""
+    return query_margins(q_vnorm, q_p, cand_w_max, cand_ip_max, m + 2, d, variance, dtype=np.float32)
+
+
+def tiny_p_cut(p) -> float:
+    """Residual variances below this are tiny (TINY_P_RATIO of the median)."""
+    return float(np.median(p)) * TINY_P_RATIO if np.size(p) else 0.0
+
+
+def choose_precision(v_norms, p, m: int, d: int, variance: float) -> tuple[str, str]:
+    """The documented precision="auto" rule: (precision, reason)."""
+    ordinary = p >= tiny_p_cut(p)
+    tiny_share = 1.0 - float(np.mean(ordinary)) if np.size(p) else 1.0
+    if tiny_share > FLOAT32_MAX_TINY_SHARE:
+        return "float64", (f"{tiny_share:.0%} of the points have tiny p (> {FLOAT32_MAX_TINY_SHARE:.0%} would take "
+                           "the float64 share of a float32 pass): float64")
+    # as queries and as candidates, the points with ordinary p (tiny-p queries take the float64
+    # pass whatever the precision)
+    vn, po = v_norms[ordinary], p[ordinary]
+    ip = 1.0 / np.sqrt(po)
+    e32 = float32_margins(vn, po, float(np.max(vn * ip)), float(np.max(ip)), m, d, variance)
+    typical = float(np.quantile(e32, FLOAT32_QUANTILE))
+    if typical < FLOAT32_MAX_MARGIN:
+        return "float32", (f"float32 margin {typical:.3g} at the {FLOAT32_QUANTILE:g} quantile < "
+                           f"{FLOAT32_MAX_MARGIN:g}: float32")
+    return "float64", (f"float32 margin {typical:.3g} at the {FLOAT32_QUANTILE:g} quantile >= "
+                       f"{FLOAT32_MAX_MARGIN:g} (median p = {float(np.median(p)):.3g}): float64")

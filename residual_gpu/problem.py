@@ -181,3 +181,22 @@ class ResidualProblem:
 
     def __repr__(self) -> str:
         return f"ResidualProblem(n={self.n}, d={self.d}, m={self.m}, kernel={self.kernel!r})"
+
+
+class ProblemView:
+    """The arrays of a subset of a problem's points (ascending dataset indices ``rows``), as the
+    tree build, the searchers and the backends' ``prepare`` read them; V in ``v_dtype`` (float32
+    for a float32 fast pass, a copy made once)."""
+
+    def __init__(self, problem: ResidualProblem, rows: np.ndarray, v_dtype=np.float64):
+        self.rows = rows
+        self.coords = problem.coords[rows]
+        self.v = np.ascontiguousarray(problem.v[rows], dtype=v_dtype)
+        self.p = problem.p[rows]
+        self.v_norms = problem.v_norms[rows]
+        self.n = rows.size
+        self.d = problem.d
+        self.m = problem.m
+        self.lengthscales = problem.lengthscales
+        self.kernel = problem.kernel
+        self.chol = problem.chol

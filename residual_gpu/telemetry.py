@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 SCHEMA = "residual_gpu.telemetry"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: tree counters summed over tiles (maxima are maxima); names match tree_search.COUNTERS
 _TREE_SUMS = ("nodes_visited", "bound_evaluations", "bound_products", "prunes_bound", "prunes_predecessor",
@@ -74,6 +74,9 @@ class Telemetry:
     #: precision of the tree's leaf-block fast values: "float64" or "float32" ("" for brute
     #: force); float32 values carry a wider certified margin (docs/tree.md, section 4a)
     leaf_precision: str = ""
+    #: precision of the fast pass of either method ("float64" or "float32"; ResidualIndex's
+    #: ``precision``); the answers are certified float64 in both
+    precision: str = ""
 
     def add_seconds(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds

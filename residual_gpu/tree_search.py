@@ -38,19 +38,20 @@ from ._numba_math import accurate_abs_rho, correlation, row_norms
 from .backends.base import Candidates, QueryBatch
 from .backends.cpu import _abs_rho_row, _heap_push, _sift_down
 from .hilbert import hilbert_order
-from .precision import gamma, kernel_error, query_margins
+from .precision import (
+    FLOAT32_MAX_MARGIN,
+    FLOAT32_QUANTILE,
+    PRECISIONS,
+    float32_margins,
+    gamma,
+    kernel_error,
+    query_margins,
+)
 
 #: queries per tile (one Numba task each)
 DEFAULT_TILE_SIZE = 128
 #: frontier entries popped per round; their children are bounded by one GEMM
 POP_BATCH = 8
-LEAF_PRECISIONS = ("auto", "float64", "float32")
-#: leaf_precision="auto" uses float32 leaf blocks when this quantile of the tree points'
-#: float32 margins (in |rho|, as queries) is below FLOAT32_MAX_MARGIN; queries whose own margin
-#: exceeds it are routed to the backend's float64 brute force like tiny-p queries, so
-#: certification still separates the k-th neighbour from the dropped candidates
-FLOAT32_QUANTILE = 0.9
-FLOAT32_MAX_MARGIN = 1e-2
 _U = 2.0**-53
 NOADM = -np.inf
 
@@ -734,8 +735,8 @@ class TreeSearcher:
         small for most points (FLOAT32_MAX_MARGIN), float64 otherwise and always in the
         sequential mode. The dense block is always float64 (its tiny p would make float32's
         margin useless)."""
-        if leaf_precision not in LEAF_PRECISIONS:
-            raise ValueError(f"leaf_precision must be one of {list(LEAF_PRECISIONS)}, got {leaf_precision!r}")
+        if leaf_precision not in PRECISIONS:
+            raise ValueError(f"leaf_precision must be one of {list(PRECISIONS)}, got {leaf_precision!r}")
         self.tree = tree
         self.sequential = bool(sequential)
         self.metric = 0 if tree.metric == "residual" else 1
@@ -922,11 +923,9 @@ class TreeSearcher:
         return [g for g in groups if g.size]
 
     def _float32_margins(self, v_norms, p) -> np.ndarray:
-        """The extra margin of float32 leaf blocks over the tree's points: the dot-product
-        rounding of single precision (m + 2 terms: the products' inputs are rounded to float32
-        too) and the float32 correlation (kernel_error in float32's u)."""
-        return query_margins(v_norms, p, self.w_max_tree, self.ip_max_tree, self.m + 2,
-                             self.inv_scale.size, self.variance, dtype=np.float32)
+        """The extra margin of float32 leaf blocks (precision.float32_margins) over the tree's points."""
+        return float32_margins(v_norms, p, self.w_max_tree, self.ip_max_tree, self.m, self.inv_scale.size,
+                               self.variance)
 
     def margins(self, batch: QueryBatch, routed: np.ndarray | None = None) -> np.ndarray:
         """Rounding margins covering every fast value this searcher computes for the queries:

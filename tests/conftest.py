@@ -207,3 +207,17 @@ def assert_select_matches_cpu(problem, backend_name: str, predecessor: bool, kee
                                        rtol=0, atol=tol[r, 0])
         assert np.all(np.abs(fast.a_dropped - cpu.a_dropped) <= tol[:, 0])
         assert np.array_equal(fast.a_dropped < 0, cpu.a_dropped < 0)
+
+
+def assert_float32_equals_float64(problem, k, backend="cpu", **kw):
+    """Brute force with a float32 fast pass returns float64's indices and distances, bit for bit."""
+    f64 = rg.ResidualIndex(problem, backend=backend, method="brute", precision="float64").query(k, **kw)
+    index = rg.ResidualIndex(problem, backend=backend, method="brute", precision="float32")
+    f32 = index.query(k, **kw)
+    assert f64.telemetry.precision == "float64" and f32.telemetry.precision == "float32"
+    np.testing.assert_array_equal(f32.indices, f64.indices)
+    np.testing.assert_array_equal(f32.distances, f64.distances)
+    # a query is searched again at most until keep covers every candidate (4x per retry)
+    tel = f32.telemetry
+    assert 0 <= tel.recertified_queries <= tel.queries * (1 + int(np.log(max(problem.n, 2)) / np.log(4)) + 1)
+    return index, f32

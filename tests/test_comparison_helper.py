@@ -84,12 +84,16 @@ def _result(problem, k, queries):
     return rg.ResidualIndex(problem, backend="cpu", method="brute").query(k, queries=queries)
 
 
+def _result_and_bounds(problem, k):
+    """Every 9th point's result, the reference rows, which points they admit, their tolerances."""
+    queries = np.arange(0, problem.n, 9)
+    full, admissible = reference_distance_rows(problem, queries)
+    return queries, _result(problem, k, queries), full, admissible, reference_tolerance(problem, full, queries)
+
+
 def test_rejects_one_wrong_neighbour(case):
     problem, k = case
-    queries = np.arange(0, problem.n, 9)
-    res = _result(problem, k, queries)
-    full, admissible = reference_distance_rows(problem, queries)
-    tol = reference_tolerance(problem, full, queries)
+    queries, res, full, admissible, tol = _result_and_bounds(problem, k)
     # in some row, swap the k-th neighbour for an admissible point clearly beyond it, with that
     # point's own (correct) distance, keeping the row sorted
     for r in range(queries.size):
@@ -109,10 +113,7 @@ def test_rejects_one_wrong_neighbour(case):
 
 def test_rejects_a_distance_beyond_its_bound(case):
     problem, k = case
-    queries = np.arange(0, problem.n, 9)
-    res = _result(problem, k, queries)
-    full, _ = reference_distance_rows(problem, queries)
-    tol = reference_tolerance(problem, full, queries)
+    queries, res, _, _, tol = _result_and_bounds(problem, k)
     r = queries.size // 2
     res.distances[r, 0] += 3 * tol[r, res.indices[r, 0]]
     res.distances[r] = np.sort(res.distances[r])  # still sorted: only the value is wrong

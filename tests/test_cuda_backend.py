@@ -30,7 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CASE_IDS, CASES, assert_select_matches_cpu, check_knn, fast_value_tolerance, make_problem
+from conftest import (
+    CASE_IDS,
+    CASES,
+    assert_float32_equals_float64,
+    assert_select_matches_cpu,
+    check_knn,
+    fast_value_tolerance,
+    make_problem,
+)
 
 import residual_gpu as rg
 import residual_gpu.backends.cuda as cuda_backend
@@ -493,6 +501,33 @@ def test_emulated_abs_rho_tile_matches_cpu(emulated):
     compare_abs_rho_tile_with_cpu()
 
 
+@pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
+def test_emulated_float32_equals_float64(emulated, case):
+    """The float32 fast pass through the CUDA code path (SGEMM, then the float64 select kernel):
+    float64's answers bit for bit, in every query kind."""
+    d, kernel_cls, ls, m = case
+    problem = make_problem(1, 150, d, kernel_cls(lengthscale=ls), m)
+    for predecessor in (False, True):
+        index, _ = assert_float32_equals_float64(problem, 8, "cuda", predecessor=predecessor)
+    assert index._brute_select.fast.prepared.v.dtype == np.float32
+    assert_float32_equals_float64(problem, 6, "cuda", queries=np.array([0, 3, 3, 149]))
+    assert_float32_equals_float64(problem, 9, "cuda", query_coords=np.random.default_rng(2).random((7, d)))
+
+
+def _gpu_problem():
+    """20000 points (several candidate tiles per query tile with the default sizes), 300 queries."""
+    x = np.random.default_rng(3).random((20000, 3))
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.1), inducing=64)
+    return problem, np.random.default_rng(4).integers(0, 20000, 300)
+
+
+@pytest.mark.gpu
+def test_gpu_float32_equals_float64(cuda_device):
+    problem, queries = _gpu_problem()
+    for predecessor in (False, True):
+        assert_float32_equals_float64(problem, 30, "cuda", queries=queries, predecessor=predecessor)
+
+
 def test_emulated_keep_zero_and_no_candidates(emulated):
     """keep = 0 keeps nothing and drops everything; queries with limit 0 evaluate nothing."""
     problem = make_problem(2, 50, 2, rg.RBF(lengthscale=0.3), 6)
@@ -573,9 +608,7 @@ def test_gpu_tiling_and_global_heap(cuda_device, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_larger_problem(cuda_device):
     """Several candidate tiles per query tile with the default sizes."""
-    x = np.random.default_rng(3).random((20000, 3))
-    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.1), inducing=64)
-    queries = np.random.default_rng(4).integers(0, 20000, 300)
+    problem, queries = _gpu_problem()
     for predecessor in (False, True):
         res = rg.ResidualIndex(problem, backend="cuda").query(30, queries=queries, predecessor=predecessor)
         cpu = rg.ResidualIndex(problem, backend="cpu").query(30, queries=queries, predecessor=predecessor)

@@ -3,7 +3,7 @@ order, and however the same queries are named.
 
 Indices and distances are compared bitwise (``np.testing.assert_array_equal`` on the values
 and on their raw bits), never with a tolerance. Every comparison runs for brute force (CPU,
-and JAX where it can run), the tree with its default settings (leaf_precision "auto"), the
+and JAX where it can run), the tree with its default settings (precision "auto"), the
 tree's "parity" preset and the tree with float32 leaf blocks, on three problems: a plain one,
 one with duplicated points (exact ties, and a tie group larger than k, which forces
 certification retries) and one with tiny residual variances (inducing points are data points)
@@ -85,9 +85,9 @@ def _config(name, marks=()):
 _JAX_OK, _JAX_WHY = rg.available_backends()["jax"]
 CONFIGS = {
     "brute-cpu": {"backend": "cpu", "method": "brute"},
-    "tree": {"backend": "cpu", "method": "tree"},  # leaf_precision "auto"
+    "tree": {"backend": "cpu", "method": "tree"},  # precision "auto"
     "tree-parity": {"backend": "cpu", "method": "tree", "preset": "parity"},
-    "tree-float32": {"backend": "cpu", "method": "tree", "leaf_precision": "float32"},
+    "tree-float32": {"backend": "cpu", "method": "tree", "precision": "float32"},
     "brute-jax": {"backend": "jax", "method": "brute"},
 }
 CONFIG_PARAMS = [_config(name) for name in CONFIGS if name != "brute-jax"] + [
@@ -312,7 +312,7 @@ def test_paths_exercised(case):
     if case.prob.name == "tiny-p":
         assert np.median(case.prob.problem.p) < 1e-4
     if case.config == "tree-float32":
-        assert case.index.leaf_precision == "float32"
+        assert case.index.precision == "float32"
         assert tel[0].leaf_precision == "float32"
     if case.config == "tree-parity":
         assert tel[0].leaf_precision == "float64"

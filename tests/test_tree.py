@@ -18,7 +18,7 @@ from residual_gpu import search
 from residual_gpu.hilbert import hilbert_keys
 from residual_gpu.reference import residual_rho_block
 from residual_gpu.telemetry import SCHEMA, SCHEMA_VERSION
-from residual_gpu.tree import build_tree, euclidean_knn
+from residual_gpu.tree import arrays_digest, build_tree, euclidean_knn
 
 CASES = [  # (d, kernel, lengthscale, m)
     (1, rg.Matern12, 0.2, 12),
@@ -193,7 +193,7 @@ def test_bounds_never_below_true_rho(seed, n, d, kernel, ls, m, ard, dupes, leaf
         return
     # float32 leaves: the bound products run in float32 in the traversal, float64 here unless fast
     index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=leaf, tile_size=3,
-                             leaf_precision="float32")
+                             precision="float32")
     tree = index.tree
     xq = np.concatenate([problem.coords, rng.random((5, d)) * 1.4 - 0.2])
     _, vq, pq = problem.factors_at(xq)
@@ -322,7 +322,7 @@ def test_float32_leaf_values_within_their_margin(kernel):
     from residual_gpu.tree_search import FLOAT32_MAX_MARGIN
 
     problem = make_problem(21, 500, 2, kernel(lengthscale=0.15), 40)  # kmeans++: tiny p among the data
-    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=8, leaf_precision="float32")
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=8, precision="float32")
     searcher = index._searcher
     assert searcher.leaf_precision == "float32"
     batch = index._batch(None, None, False)
@@ -342,32 +342,45 @@ def test_float32_leaf_values_within_their_margin(kernel):
     assert np.median(margin[~routed]) < 5e-3  # and the margin is useful, not vacuous
 
 
-@pytest.mark.parametrize("leaf_precision", ["float32", "float64"])
-def test_leaf_precisions_are_exact(leaf_precision):
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_leaf_precisions_are_exact(precision):
     problem = make_problem(22, 700, 3, rg.Matern52(lengthscale=0.2), 30, duplicates=20)
     index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=8, tile_size=16,
-                             leaf_precision=leaf_precision)
+                             precision=precision)
     xnew = np.random.default_rng(3).random((9, 3))
     for kw in ({}, {"predecessor": True}, {"query_coords": xnew}):
         res = index.query(12, **kw)
-        assert res.telemetry.leaf_precision == leaf_precision
+        assert res.telemetry.leaf_precision == precision
         assert_matches_reference(problem, res, 12, **kw)
 
 
 def test_leaf_precision_auto_and_validation(tmp_path):
     moderate = make_problem(23, 500, 2, rg.Matern32(lengthscale=0.1), 20)
-    assert rg.ResidualIndex(moderate, backend="cpu", method="tree")._searcher.leaf_precision == "float32"
+    index = rg.ResidualIndex(moderate, backend="cpu", method="tree")
+    assert index._searcher.leaf_precision == index.precision == "float32" and "float32" in index.precision_reason
     x = np.random.default_rng(4).normal(size=(400, 3))
     tiny = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=x[::2].copy())  # gold-like: tiny p
     assert rg.ResidualIndex(tiny, backend="cpu", method="tree")._searcher.leaf_precision == "float64"
     assert rg.ResidualIndex(moderate, backend="cpu", method="tree", preset="parity")._searcher.leaf_precision == "float64"
-    with pytest.raises(rg.InvalidArgumentError, match="leaf_precision must be one of.*'half'"):
-        rg.ResidualIndex(moderate, backend="cpu", method="tree", leaf_precision="half")
-    with pytest.raises(rg.InvalidArgumentError, match="float64 values only.*leaf_precision='float32'"):
-        rg.ResidualIndex(moderate, backend="cpu", method="tree", preset="parity", leaf_precision="float32")
-    index = rg.ResidualIndex(moderate, backend="cpu", method="tree", leaf_precision="float64")
+    with pytest.raises(rg.InvalidArgumentError, match="precision must be one of.*'half'"):
+        rg.ResidualIndex(moderate, backend="cpu", method="tree", precision="half")
+    with pytest.raises(rg.InvalidArgumentError, match="float64 values only.*precision='float32'"):
+        rg.ResidualIndex(moderate, backend="cpu", method="tree", preset="parity", precision="float32")
+    index = rg.ResidualIndex(moderate, backend="cpu", method="tree", precision="float64")
     index.save(tmp_path / "f64.npz")
     assert rg.ResidualIndex.load(tmp_path / "f64.npz", backend="cpu")._searcher.leaf_precision == "float64"
+    # the deprecated name still works, with a warning; a saved file from before (leaf_precision) still loads
+    with pytest.warns(DeprecationWarning, match="leaf_precision is deprecated"):
+        old = rg.ResidualIndex(moderate, backend="cpu", method="tree", leaf_precision="float64")
+    assert old.precision == "float64"
+    with np.load(tmp_path / "f64.npz", allow_pickle=False) as npz:
+        data = {name: npz[name] for name in npz.files}
+    data["leaf_precision"] = data.pop("precision")
+    data["digest"] = np.asarray(arrays_digest({k: v for k, v in data.items()
+                                               if k not in ("format", "format_version", "digest")}))
+    with open(tmp_path / "legacy.npz", "wb") as fh:
+        np.savez(fh, **data)
+    assert rg.ResidualIndex.load(tmp_path / "legacy.npz", backend="cpu").precision == "float64"
 
 
 def _rewrite(src, dst, **changes):

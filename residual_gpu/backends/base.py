@@ -1,7 +1,9 @@
 """The backend protocol: what every compute backend (cpu, cuda, jax) provides.
 
-A backend copies a ResidualProblem to its device once (``prepare``) and then answers two
-kinds of block request, both in the fast float64 path:
+A backend copies a ResidualProblem (or a ProblemView of some of its points) to its device
+once (``prepare``) and then answers two kinds of block request, both in the fast path, whose
+V products run in the precision of the prepared V (float64, or float32 for a float32 fast
+pass: residual_gpu/brute.py) and whose values are float64:
 
 - ``abs_rho_tile``: dense |rho| for a tile of queries against given candidate indices
   (the unit the search tree evaluates at its leaves);

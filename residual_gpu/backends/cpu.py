@@ -1,6 +1,8 @@
 """CPU backend: BLAS GEMM for V_Q V_C^T and Numba for the fused transform and select.
 
-Per (query tile, candidate tile) a GEMM writes G = V_Q V_C^T; one Numba pass per query row
+Per (query tile, candidate tile) a GEMM writes G = V_Q V_C^T (in V's precision: float64, or
+float32 for a float32 fast pass, whose transform then evaluates the correlation in float32 too,
+as precision.float32_margins covers); one Numba pass per query row
 then forms r^2 from direct coordinate differences, the kernel, a = |k - G| / sqrt(p_q p_j),
 and pushes admissible candidates into that query's bounded min-heap. Each thread holds one
 tile of G at a time, so memory is O(threads x tile) whatever n is.
@@ -199,7 +201,7 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
             stop = max(stop, qlimit[r])
         row = np.empty(candidate_tile)
         work = np.empty((3, candidate_tile))
-        g_full = np.empty((r1 - r0, candidate_tile))
+        g_full = np.empty((r1 - r0, candidate_tile), dtype=v.dtype)  # float32 V: SGEMM tiles
         for c0 in range(0, stop, candidate_tile):
             c1 = min(c0 + candidate_tile, stop)
             if c1 - c0 == candidate_tile:

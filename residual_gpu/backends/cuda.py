@@ -194,9 +194,9 @@ class CudaBackend(Backend):
         )
 
     @staticmethod
-    def _queries(xp, batch: QueryBatch):
+    def _queries(xp, batch: QueryBatch, v_dtype):
         return (xp.asarray(np.ascontiguousarray(batch.coords, dtype=np.float64)),
-                xp.asarray(np.ascontiguousarray(batch.v, dtype=np.float64)),
+                xp.asarray(np.ascontiguousarray(batch.v, dtype=v_dtype)),
                 xp.asarray(1.0 / np.sqrt(batch.p)))
 
     def abs_rho_tile(self, prepared, batch: QueryBatch, cols: np.ndarray) -> np.ndarray:
@@ -206,9 +206,9 @@ class CudaBackend(Backend):
             return np.empty((q, c))
         rt = prepared.runtime
         xp = rt.xp
-        qx, qv, qip = self._queries(xp, batch)
+        qx, qv, qip = self._queries(xp, batch, prepared.v.dtype)
         dcols = xp.asarray(cols)
-        g = xp.ascontiguousarray(qv @ prepared.v[dcols].T)
+        g = xp.ascontiguousarray(qv @ prepared.v[dcols].T, dtype=np.float64)
         xc = xp.ascontiguousarray(prepared.xt[:, dcols])
         ipc = xp.ascontiguousarray(prepared.inv_sqrt_p[dcols])
         out = xp.empty((q, c))
@@ -231,7 +231,7 @@ class CudaBackend(Backend):
         if q == 0:
             return Candidates(index=np.full((0, keep), -1, dtype=np.int64), abs_rho=np.full((0, keep), -1.0),
                               a_dropped=np.full(0, -1.0), evaluations=0)
-        qx, qv, qip = self._queries(xp, batch)
+        qx, qv, qip = self._queries(xp, batch, prepared.v.dtype)
         qself = xp.asarray(np.ascontiguousarray(batch.self_index, dtype=np.int64))
         qlimit = xp.asarray(np.ascontiguousarray(batch.limit, dtype=np.int64))
         use_shared = keep <= SHARED_HEAP_MAX_KEEP
@@ -243,7 +243,8 @@ class CudaBackend(Backend):
             width = candidate_tile_width(rows)
             for c0 in range(0, stop, width):
                 c1 = min(c0 + width, stop)
-                g = xp.ascontiguousarray(qv[q0:q1] @ prepared.v[c0:c1].T)  # cuBLAS DGEMM
+                # cuBLAS DGEMM, or SGEMM for float32 V (the select kernel reads float64 G)
+                g = xp.ascontiguousarray(qv[q0:q1] @ prepared.v[c0:c1].T, dtype=np.float64)
                 rt.launch("residual_select_tile", rows, SELECT_BLOCK, (
                     g, np.int32(c1 - c0),
                     qx[q0:q1], np.int32(prepared.d), qip[q0:q1], qself[q0:q1], qlimit[q0:q1],

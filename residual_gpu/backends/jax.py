@@ -120,7 +120,8 @@ def _functions():
             xc = lax.dynamic_slice_in_dim(xt, c0, ctile, axis=1)
             vc = lax.dynamic_slice_in_dim(v, c0, ctile, axis=0)
             ipc = lax.dynamic_slice_in_dim(ip, c0, ctile, axis=0)
-            g = jnp.matmul(qv, vc.T, precision=lax.Precision.HIGHEST)
+            # float32 V: a float32 product (HIGHEST: no TF32), the transform in float64
+            g = jnp.matmul(qv, vc.T, precision=lax.Precision.HIGHEST).astype(qx.dtype)
             a = _abs_rho(jnp, kernel_id, variance, qx, inv_scale, qip, xc, ipc, g)
             j = c0 + cols
             admissible = (j[None, :] < qlimit[:, None]) & (j[None, :] != qself[:, None])
@@ -140,7 +141,7 @@ def _functions():
 
     @partial(jax.jit, static_argnames=("kernel_id",))
     def dense(qx, qv, qip, xt, v, ip, inv_scale, variance, cols, *, kernel_id):
-        g = jnp.matmul(qv, v[cols].T, precision=lax.Precision.HIGHEST)
+        g = jnp.matmul(qv, v[cols].T, precision=lax.Precision.HIGHEST).astype(qx.dtype)
         return _abs_rho(jnp, kernel_id, variance, qx, inv_scale, qip, xt[:, cols], ip[cols], g)
 
     _FUNCTIONS = (select, dense)
@@ -150,7 +151,7 @@ def _functions():
 @dataclass(frozen=True)
 class _Prepared:
     xt: object           # (d, n_pad) device coordinates, transposed, zero-padded
-    v: object            # (n_pad, m) device, zero rows as padding
+    v: object            # (n_pad, m) device, zero rows as padding; float32 for a float32 fast pass
     inv_sqrt_p: object   # (n_pad,) device, 1 / sqrt(p) (1 on padding)
     inv_scale: object    # (d,) device, 1 / lengthscale
     variance: object     # float64 device scalar (traced: no recompilation per variance)
@@ -215,7 +216,7 @@ class JaxBackend(Backend):
         qpad, cpad = _bucket(q), _bucket(c)
         with _x64():
             out = dense(jnp.asarray(_pad_rows(batch.coords.astype(np.float64), qpad, 0.0)),
-                        jnp.asarray(_pad_rows(batch.v.astype(np.float64), qpad, 0.0)),
+                        jnp.asarray(_pad_rows(batch.v.astype(prepared.v.dtype), qpad, 0.0)),
                         jnp.asarray(_pad_rows(1.0 / np.sqrt(batch.p), qpad, 1.0)),
                         prepared.xt, prepared.v, prepared.inv_sqrt_p, prepared.inv_scale, prepared.variance,
                         jnp.asarray(_pad_rows(cols, cpad, 0)), kernel_id=prepared.kernel_id)
@@ -245,7 +246,7 @@ class JaxBackend(Backend):
                 ntiles = -(-stop // prepared.ctile)
                 top_a, top_i, dropped, evals = select(
                     jnp.asarray(_pad_rows(batch.coords[q0:q1].astype(np.float64), qt, 0.0)),
-                    jnp.asarray(_pad_rows(batch.v[q0:q1].astype(np.float64), qt, 0.0)),
+                    jnp.asarray(_pad_rows(batch.v[q0:q1].astype(prepared.v.dtype), qt, 0.0)),
                     jnp.asarray(_pad_rows(qip[q0:q1], qt, 1.0)),
                     jnp.asarray(_pad_rows(batch.self_index[q0:q1].astype(np.int64), qt, -1)),
                     jnp.asarray(_pad_rows(batch.limit[q0:q1].astype(np.int64), qt, 0)),
