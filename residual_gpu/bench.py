@@ -1,7 +1,8 @@
 """Running a suite: build and query timings, evaluation counts, and the GEMM yardstick.
 
-Every rate is quoted next to a plain float64 GEMM of the same shape (q x m times m x n,
-numpy's BLAS) timed in the same run, because absolute numbers on shared machines are noise.
+Every rate is quoted next to a plain GEMM of the same shape and precision (q x m times m x n,
+numpy's BLAS, float64 and float32) timed in the same run, because absolute numbers on shared
+machines are noise.
 """
 
 from __future__ import annotations
@@ -18,32 +19,35 @@ from .index import ResidualIndex
 from .problem import ResidualProblem
 from .suites import get_suite
 
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 #: most query rows of the GEMM yardstick actually multiplied (the time is scaled to all rows)
 GEMM_ROWS = 1024
+#: timed products of the yardstick per precision, after one untimed full-size product each
+#: (whatever --repeats says: one cold product ran at half the machine's rate, which made "of
+#: GEMM" exceed 100%). The two precisions alternate, so a noisy neighbour hits both alike, and
+#: the best time is taken: noise only ever slows a product down.
+GEMM_REPEATS = 7
 
 
-def gemm_seconds(q: int, n: int, m: int, repeats: int = 3) -> float:
-    """Median time of one float64 (q, m) @ (m, n) product through numpy's BLAS."""
+def gemm_seconds(q: int, n: int, m: int, dtypes=(np.float64, np.float32)) -> dict:
+    """{dtype name: best time} of one (q, m) @ (m, n) product per dtype through numpy's BLAS, warm."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((q, m))
-    b = rng.standard_normal((n, m))
-    a @ b[:64].T  # warm the BLAS threads
-    return _median_seconds(lambda: a @ b.T, repeats)
+    a64 = rng.standard_normal((q, m))
+    b64 = rng.standard_normal((n, m))
+    pairs = {np.dtype(t).name: (a64.astype(t), b64.astype(t)) for t in dtypes}
+    for a, b in pairs.values():
+        a @ b.T  # warm: BLAS threads, page faults of the output, caches
+    best = {name: np.inf for name in pairs}
+    for _ in range(GEMM_REPEATS):
+        for name, (a, b) in pairs.items():
+            t0 = time.perf_counter()
+            a @ b.T
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
-def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("brute",),
+def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("brute",), precisions=("auto",),
               repeats: int = 3, progress: bool | None = None) -> dict:
-    """Run one suite; returns a JSON-serialisable dict (rows: one per method and mode)."""
+    """Run one suite; returns a JSON-serialisable dict (rows: one per method, precision and mode)."""
     if repeats < 1:
         raise InvalidArgumentError(f"repeats must be >= 1, got repeats={repeats!r}")
     case = get_suite(name, n)
@@ -54,12 +58,13 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
     # The yardstick is timed on at most GEMM_ROWS query rows (a q x n float64 product does not fit in
     # memory at large n) and scaled to all q rows: GEMM time is linear in the rows.
     gemm_rows = min(q, GEMM_ROWS)
-    gemm = gemm_seconds(gemm_rows, case.n, problem.m, repeats) * (q / gemm_rows)
+    gemm = {name: sec * (q / gemm_rows) for name, sec in gemm_seconds(gemm_rows, case.n, problem.m).items()}
+    gemm_rate = {name: 2.0 * q * case.n * problem.m / sec / 1e9 for name, sec in gemm.items()}
     rows = []
     all_ids = np.arange(case.n) if case.queries is None else case.queries
     warm_ids = all_ids[np.linspace(0, all_ids.size - 1, min(all_ids.size, 256)).astype(np.int64)]
-    for method in methods:
-        index = ResidualIndex(problem, backend=backend, method=method, progress=progress)
+    for method, precision in [(m, p) for m in methods for p in precisions]:
+        index = ResidualIndex(problem, backend=backend, method=method, precision=precision, progress=progress)
         for predecessor in case.modes:
             def once(ids=None, index=index, predecessor=predecessor):
                 return index.query(case.k, queries=case.queries if ids is None else ids, predecessor=predecessor,
@@ -76,11 +81,12 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
             evals = tel.distance_evaluations
             pairs = sum(int(min(lim, case.n)) for lim in _limits(case, predecessor))
             gflops = 2.0 * evals * problem.m / seconds / 1e9
-            gemm_gflops = 2.0 * q * case.n * problem.m / gemm / 1e9
+            gemm_gflops = gemm_rate[index.precision]  # the yardstick of the row's own precision
             work = evals + tel.bound_products
             rows.append({
                 "requested": method, "method": index.method, "backend": index.backend, "predecessor": predecessor,
-                "auto_reason": index.auto_reason,
+                "auto_reason": index.auto_reason, "requested_precision": precision, "precision": index.precision,
+                "precision_reason": index.precision_reason,
                 "queries": q, "k": case.k, "query_seconds": seconds,
                 "queries_per_second": q / seconds,
                 "distance_evaluations": evals, "evaluations_per_query": evals / q,
@@ -96,14 +102,18 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
                 "nodes_visited": tel.nodes_visited, "prunes_bound": tel.prunes_bound,
                 "brute_queries": tel.brute_queries, "tree_nodes": tel.tree_nodes,
             })
-    for r in rows:  # end-to-end speed-up over brute force measured in this run, same mode
-        base = [b for b in rows if b["method"] == "brute" and b["requested"] == "brute"
-                and b["predecessor"] == r["predecessor"]]
+    for r in rows:  # end-to-end speed-up over brute force measured in this run, same mode: over float64
+        # brute force where the run has it, else over brute force in the row's own precision
+        brute = [b for b in rows if b["method"] == "brute" and b["requested"] == "brute"
+                 and b["predecessor"] == r["predecessor"]]
+        base = ([b for b in brute if b["precision"] == "float64"] or [b for b in brute if b["precision"] == r["precision"]])
         r["speedup_vs_brute"] = base[0]["total_seconds"] / r["total_seconds"] if base else None
     return {
         "suite": case.name, "n": case.n, "d": problem.d, "m": problem.m, "k": case.k,
         "kernel": repr(case.kernel), "median_p": float(np.median(problem.p)),
-        "problem_seconds": problem_seconds, "gemm_seconds": gemm, "gemm_rows": gemm_rows, "repeats": repeats,
+        "problem_seconds": problem_seconds, "gemm_seconds": gemm["float64"], "gemm_seconds_float32": gemm["float32"],
+        "gemm_gflops": gemm_rate["float64"], "gemm_gflops_float32": gemm_rate["float32"],
+        "gemm_rows": gemm_rows, "gemm_repeats": GEMM_REPEATS, "repeats": repeats,
         "version": __version__, "machine": platform.machine(), "python": platform.python_version(),
         "blas": [{k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
                  for info in threadpool_info()],
@@ -120,16 +130,18 @@ def _limits(case, predecessor):
 def format_table(result: dict) -> str:
     head = (f"suite={result['suite']} n={result['n']} d={result['d']} m={result['m']} k={result['k']} "
             f"kernel={result['kernel']} median_p={result['median_p']:.3g} "
-            f"problem_build={result['problem_seconds']:.2f}s plain_gemm={result['gemm_seconds']:.3f}s "
-            f"(median of {result['repeats']})")
-    cols = ["method", "backend", "predecessor", "build_s", "index_s", "query_s", "total_s", "vs brute",
+            f"problem_build={result['problem_seconds']:.2f}s (median of {result['repeats']})\n"
+            f"GEMM yardstick (same shape, warm, best of {result.get('gemm_repeats', 1)}): float64 "
+            f"{result['gemm_gflops']:.1f} GFLOP/s, float32 {result.get('gemm_gflops_float32', float('nan')):.1f} "
+            f"GFLOP/s, ratio {result.get('gemm_gflops_float32', float('nan')) / result['gemm_gflops']:.2f}")
+    cols = ["method", "precision", "backend", "predecessor", "build_s", "index_s", "query_s", "total_s", "vs brute",
             "queries/s", "evals/query", "share", "work", "GFLOP/s", "GEMM GFLOP/s", "of GEMM", "recert"]
     lines = [head, " | ".join(cols)]
     for r in result["rows"]:
         name = r["method"] if r.get("requested", r["method"]) == r["method"] else f"{r['requested']}->{r['method']}"
         speed = r.get("speedup_vs_brute")
         lines.append(" | ".join([
-            name, r["backend"], str(r["predecessor"]), f"{r['build_seconds']:.2f}",
+            name, r.get("precision", "float64"), r["backend"], str(r["predecessor"]), f"{r['build_seconds']:.2f}",
             f"{r.get('index_build_seconds', 0.0):.2f}", f"{r['query_seconds']:.3f}",
             f"{r.get('total_seconds', r['query_seconds']):.2f}", "-" if speed is None else f"{speed:.2f}x",
             f"{r['queries_per_second']:.0f}", f"{r['evaluations_per_query']:.0f}",
@@ -140,9 +152,11 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         if r.get("auto_reason"):
             lines.append(f"auto (predecessor={r['predecessor']}): {r['auto_reason']}")
+        if r.get("precision_reason"):
+            lines.append(f"precision auto ({r['method']}, predecessor={r['predecessor']}): {r['precision_reason']}")
     lines.append("build_s: problem + index; index_s: index only (backend prepare, tree); total_s = index_s + "
                  "query_s; share: distance evaluations per admissible candidate; work: (evaluations + bound dot "
-                 "products) per admissible candidate")
+                 "products) per admissible candidate; of GEMM: GFLOP/s against the GEMM of the row's precision")
     return "\n".join(lines)
 
 

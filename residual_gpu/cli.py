@@ -116,15 +116,19 @@ def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, p
 @click.option("--n", type=int, default=None, help="Override the suite's number of points.")
 @click.option("--method", "methods", multiple=True, default=("brute",), show_default=True,
               type=click.Choice(["brute", "tree", "auto"]), help="Search method(s) to run (repeatable).")
+@click.option("--precision", "precisions", multiple=True, default=("auto",), show_default=True,
+              type=click.Choice(["auto", "float64", "float32"]),
+              help="Precision(s) of the fast pass to run (repeatable); answers are float64-certified in all.")
 @click.option("--backend", type=str, default="auto", show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repeats (median reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-def bench(suite, n, methods, backend, repeats, as_json):
+def bench(suite, n, methods, precisions, backend, repeats, as_json):
     """Run a benchmark suite and print a table (or JSON)."""
     from .bench import format_table, run_suite
 
     try:
-        result = run_suite(suite, n=n, backend=backend, methods=methods, repeats=repeats, progress=False)
+        result = run_suite(suite, n=n, backend=backend, methods=methods, precisions=precisions, repeats=repeats,
+                           progress=False)
     except ResidualGPUError as exc:
         _fail(exc)
     if as_json:

@@ -6,11 +6,13 @@
 
 Steps (each printed with its command line):
 1. ``pytest -m gpu tests/test_cuda_backend.py``: cuda == cpu == reference on the device;
-2. the device's float64 GEMM rate: cupy.matmul of the gold brute-force shape
-   (1024 x 512) @ (512 x 32768), synchronised, median of several runs;
+2. the device's float64 and float32 GEMM rates: cupy.matmul of the gold brute-force shape
+   (1024 x 512) @ (512 x 32768), synchronised, median of several runs (float32 without TF32:
+   CuPy's default compute type for float32 matmul);
 3. ``residual_gpu.bench.run_suite`` on the gold and vif suites with backend="cuda" and
-   backend="cpu", printed as tables, and the achieved rate of the cuda brute force on gold
-   (2 * evaluations * m / seconds) as a fraction of the GEMM rate of step 2.
+   backend="cpu", brute force with the fast pass in float64 and in float32 (``--precisions``),
+   printed as tables, and the achieved rate of each cuda brute-force row (2 * evaluations * m /
+   seconds) as a fraction of the device GEMM rate of its own precision.
 
 Exit status: 1 if the GPU tests fail or the cuda backend is unavailable, else 0.
 """
@@ -29,14 +31,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def device_gemm_gflops(q: int = 1024, m: int = 512, n: int = 32768, repeats: int = 10) -> tuple[float, float]:
-    """(median seconds, GFLOP/s) of a synchronised float64 cupy (q, m) @ (m, n)."""
+def device_gemm_gflops(q: int = 1024, m: int = 512, n: int = 32768, repeats: int = 10,
+                       dtype: str = "float64") -> tuple[float, float]:
+    """(median seconds, GFLOP/s) of a synchronised cupy (q, m) @ (m, n) in ``dtype``."""
     import cupy as cp
 
     rng = cp.random.default_rng(0)
-    a = rng.standard_normal((q, m), dtype=cp.float64)
-    b = rng.standard_normal((m, n), dtype=cp.float64)
-    out = cp.empty((q, n), dtype=cp.float64)
+    a = rng.standard_normal((q, m), dtype=cp.float64).astype(dtype)
+    b = rng.standard_normal((m, n), dtype=cp.float64).astype(dtype)
+    out = cp.empty((q, n), dtype=dtype)
     for _ in range(3):  # warm-up: cuBLAS handle, heuristics, clocks
         cp.matmul(a, b, out=out)
     cp.cuda.Device().synchronize()
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--suites", default="gold,vif", help="comma-separated suites (default gold,vif)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first")
     parser.add_argument("--skip-cpu-vif", action="store_true", help="no cpu run of vif (it takes minutes)")
+    parser.add_argument("--precisions", default="float64,float32",
+                        help="comma-separated fast-pass precisions of every run (default float64,float32)")
     parser.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
     args = parser.parse_args(argv)
 
@@ -98,36 +103,44 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             status = 1
 
-    gemm_s, gemm_rate = device_gemm_gflops()
-    print(f"\ndevice float64 GEMM (1024 x 512) @ (512 x 32768), cupy.matmul, synchronised: "
-          f"{gemm_s * 1e3:.3f} ms = {gemm_rate:.0f} GFLOP/s (median of 10)")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    gemm = {dtype: device_gemm_gflops(dtype=dtype) for dtype in ("float64", "float32")}
+    for dtype, (sec, rate) in gemm.items():
+        print(f"device {dtype} GEMM (1024 x 512) @ (512 x 32768), cupy.matmul, synchronised: "
+              f"{sec * 1e3:.3f} ms = {rate:.0f} GFLOP/s (median of 10)")
+    print(f"device float32/float64 GEMM ratio: {gemm['float32'][1] / gemm['float64'][1]:.1f}")
 
-    results = {"device": device_name(), "gemm_seconds": gemm_s, "gemm_gflops": gemm_rate, "suites": []}
+    results = {"device": device_name(), "gemm_seconds": gemm["float64"][0], "gemm_gflops": gemm["float64"][1],
+               "gemm_seconds_float32": gemm["float32"][0], "gemm_gflops_float32": gemm["float32"][1], "suites": []}
     for suite in [s.strip() for s in args.suites.split(",") if s.strip()]:
         for backend in ("cuda", "cpu"):
             if backend == "cpu" and suite == "vif" and args.skip_cpu_vif:
                 continue
             print(f"\n$ residual_gpu.bench.run_suite({suite!r}, n={args.n}, backend={backend!r}, "
-                  f"repeats={args.repeats})", flush=True)
-            result = run_suite(suite, n=args.n, backend=backend, repeats=args.repeats, progress=False)
+                  f"precisions={tuple(precisions)!r}, repeats={args.repeats})", flush=True)
+            result = run_suite(suite, n=args.n, backend=backend, precisions=precisions, repeats=args.repeats,
+                               progress=False)
             print(format_table(result), flush=True)
             results["suites"].append(result)
-            if backend == "cuda" and suite == "gold":
+            if backend == "cuda":
                 for row in result["rows"]:
-                    print(f"cuda brute force on gold (predecessor={row['predecessor']}): {row['gflops']:.0f} GFLOP/s "
-                          f"achieved = {row['gflops'] / gemm_rate:.1%} of the device's float64 GEMM rate "
-                          f"({row['query_seconds'] * 1e3:.1f} ms for {row['queries']} queries)")
+                    rate = gemm[row["precision"]][1]
+                    print(f"cuda brute force on {suite} ({row['precision']}, predecessor={row['predecessor']}): "
+                          f"{row['gflops']:.0f} GFLOP/s achieved = {row['gflops'] / rate:.1%} of the device's "
+                          f"{row['precision']} GEMM rate ({row['query_seconds'] * 1e3:.1f} ms for {row['queries']} "
+                          f"queries)")
     # side-by-side summary: query seconds per suite and mode, cuda vs cpu
     print("\nsummary (median query seconds)")
-    print("suite | predecessor | cuda_s | cpu_s | cpu/cuda")
+    print("suite | precision | predecessor | cuda_s | cpu_s | cpu/cuda")
     by_key = {}
     for result in results["suites"]:
         for row in result["rows"]:
-            by_key.setdefault((result["suite"], row["predecessor"]), {})[row["backend"]] = row["query_seconds"]
-    for (suite, pred), times in by_key.items():
+            key = (result["suite"], row["precision"], row["predecessor"])
+            by_key.setdefault(key, {})[row["backend"]] = row["query_seconds"]
+    for (suite, precision, pred), times in by_key.items():
         cuda_s, cpu_s = times.get("cuda"), times.get("cpu")
         ratio = f"{cpu_s / cuda_s:.1f}x" if cuda_s and cpu_s else "-"
-        print(f"{suite} | {pred} | {_seconds(cuda_s)} | {_seconds(cpu_s)} | {ratio}")
+        print(f"{suite} | {precision} | {pred} | {_seconds(cuda_s)} | {_seconds(cpu_s)} | {ratio}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2, default=str))
         print(f"wrote {args.json}")

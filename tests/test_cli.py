@@ -232,6 +232,25 @@ def test_bench_smoke_json(runner):
     assert data["k"] == 10
 
 
+def test_bench_both_precisions_with_their_yardsticks(runner):
+    result = runner.invoke(main, ["bench", "--suite", "smoke", "--n", "300", "--repeats", "1", "--json", "--backend",
+                                  "cpu", "--precision", "float64", "--precision", "float32"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["gemm_gflops"] > 0 and data["gemm_gflops_float32"] > 0 and data["gemm_repeats"] >= 3
+    assert [r["precision"] for r in data["rows"]] == ["float64", "float32"]
+    for row, key in zip(data["rows"], ("gemm_gflops", "gemm_gflops_float32")):
+        assert row["gemm_gflops"] == data[key]  # each row against the GEMM of its own precision
+    f64, f32 = data["rows"]
+    assert f32["speedup_vs_brute"] == pytest.approx(f64["total_seconds"] / f32["total_seconds"])
+    table = runner.invoke(main, ["bench", "--suite", "smoke", "--n", "300", "--repeats", "1", "--backend", "cpu",
+                                 "--precision", "auto"])
+    assert table.exit_code == 0 and "GEMM yardstick" in table.output and "float32" in table.output
+    assert "precision auto" in table.output
+    bad = runner.invoke(main, ["bench", "--suite", "smoke", "--precision", "half"])
+    assert bad.exit_code != 0 and "half" in bad.output
+
+
 def test_bench_table_and_bad_suite(runner):
     result = runner.invoke(main, ["bench", "--suite", "smoke", "--n", "120", "--repeats", "1", "--backend", "cpu"])
     assert result.exit_code == 0, result.output
