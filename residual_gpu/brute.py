@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import Candidates, QueryBatch
-from .precision import FLOAT32_MAX_MARGIN, float32_margins, query_margins, tiny_p_cut
+from .precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, query_margins, tiny_p_cut
 from .problem import ProblemView
 
 
@@ -51,14 +51,11 @@ class BruteSelect:
         self.prepared = prepared  # the float64 problem, every point
         self.problem = problem
         self.precision = precision
-        ip = 1.0 / np.sqrt(problem.p)
-        self._w64, self._ip64 = float(np.max(problem.v_norms * ip)), float(np.max(ip))  # search.exact_knn's
+        self._max64 = candidate_maxima(problem.v_norms, problem.p)  # search.exact_knn's
         self._parts = None
         if precision == "float32":
             self._tiny = problem.p < tiny_p_cut(problem.p)
-            ip = 1.0 / np.sqrt(problem.p[~self._tiny])
-            self._w_max = float(np.max(problem.v_norms[~self._tiny] * ip, initial=0.0))
-            self._ip_max = float(np.max(ip, initial=0.0))
+            self._max32 = candidate_maxima(problem.v_norms[~self._tiny], problem.p[~self._tiny])
 
     @property
     def fast(self) -> _Part:
@@ -80,14 +77,13 @@ class BruteSelect:
     def float32_margins(self, batch: QueryBatch) -> np.ndarray:
         """What the float32 pass adds to each query's margin (maxima over its float32 candidates)."""
         prob = self.problem
-        return float32_margins(batch.v_norms, batch.p, self._w_max, self._ip_max, prob.m, prob.d,
-                               prob.kernel.variance)
+        return float32_margins(batch.v_norms, batch.p, *self._max32, prob.m, prob.d, prob.kernel.variance)
 
     def __call__(self, batch: QueryBatch, keep: int) -> Candidates:
         if self.precision == "float64" or not np.any(~self._tiny):
             return self.backend.select_candidates(self.prepared, batch, keep)
         prob = self.problem
-        e64 = query_margins(batch.v_norms, batch.p, self._w64, self._ip64, prob.m, prob.d, prob.kernel.variance)
+        e64 = query_margins(batch.v_norms, batch.p, *self._max64, prob.m, prob.d, prob.kernel.variance)
         e32 = self.float32_margins(batch)
         wide = e32 > FLOAT32_MAX_MARGIN
         q = batch.size

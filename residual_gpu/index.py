@@ -183,7 +183,7 @@ class ResidualIndex:
             sub = np.sort(np.random.default_rng(1).choice(prob.n, min(prob.n, AUTO_PRECHECK_N), replace=False))
             view = ProblemView(prob, sub)
             pre = TreeSearcher(build_tree(view, self.leaf_size, progress=False), view.coords, view.lengthscales,
-                               view.v, view.p, view.kernel, tile_size=self.tile_size)
+                               view.v, view.p, view.kernel, tile_size=self.tile_size, leaf_precision=self.precision)
             pre_share = _estimate_share(pre, view, None)
             self.auto_estimate = {"precheck_points": int(sub.size), "precheck_work_share": pre_share}
             if pre_share >= AUTO_VACUOUS_SHARE:

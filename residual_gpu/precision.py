@@ -41,6 +41,13 @@ def kernel_error(d: int, dtype=np.float64) -> float:
     return (4 * d + 64) * UNIT_ROUNDOFF[np.dtype(dtype)]
 
 
+def candidate_maxima(v_norms, p) -> tuple[float, float]:
+    """(max_j ||V_j|| / sqrt(p_j), max_j 1 / sqrt(p_j)) over some candidates: what query_margins
+    and float32_margins take as cand_w_max and cand_ip_max (0, 0 for no candidate)."""
+    ip = 1.0 / np.sqrt(np.asarray(p, dtype=np.float64))
+    return float(np.max(np.asarray(v_norms) * ip, initial=0.0)), float(np.max(ip, initial=0.0))
+
+
 def query_margins(q_vnorm, q_p, cand_w_max: float, cand_ip_max: float, m: int, d: int,
                   variance: float, dtype=np.float64) -> np.ndarray:
     """E_i for each query (see module docstring); cand_* are maxima over the candidates."""
@@ -130,8 +137,7 @@ def choose_precision(v_norms, p, m: int, d: int, variance: float) -> tuple[str, 
     # as queries and as candidates, the points with ordinary p (tiny-p queries take the float64
     # pass whatever the precision)
     vn, po = v_norms[ordinary], p[ordinary]
-    ip = 1.0 / np.sqrt(po)
-    e32 = float32_margins(vn, po, float(np.max(vn * ip)), float(np.max(ip)), m, d, variance)
+    e32 = float32_margins(vn, po, *candidate_maxima(vn, po), m, d, variance)
     typical = float(np.quantile(e32, FLOAT32_QUANTILE))
     if typical < FLOAT32_MAX_MARGIN:
         return "float32", (f"float32 margin {typical:.3g} at the {FLOAT32_QUANTILE:g} quantile < "

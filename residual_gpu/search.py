@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .backends import Candidates, QueryBatch
 from .certify import certify_and_rank
-from .precision import query_margins
+from .precision import candidate_maxima, query_margins
 from .telemetry import Telemetry
 
 QUERY_CHUNK = 4096
@@ -33,18 +33,13 @@ def initial_keep(k: int) -> int:
     return k + max(8, k // 2)
 
 
-def _candidate_maxima(problem) -> tuple[float, float]:
-    ip = 1.0 / np.sqrt(problem.p)
-    return float(np.max(problem.v_norms * ip)), float(np.max(ip))
-
-
 def exact_knn(select: Callable[[QueryBatch, int], Candidates], problem, batch: QueryBatch, k: int,
               telemetry: Telemetry, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances) for every query of ``batch``, certified exact (see certify.py)."""
     q = batch.size
     out_index = np.full((q, k), -1, dtype=np.int64)
     out_dist = np.full((q, k), np.inf)
-    w_max, ip_max = _candidate_maxima(problem)
+    w_max, ip_max = candidate_maxima(problem.v_norms, problem.p)
     order = np.argsort(batch.limit, kind="stable")
     telemetry.keep = initial_keep(k)
     # progress=None: a bar only for multi-chunk runs on a terminal (tqdm's disable=None)

@@ -38,15 +38,7 @@ from ._numba_math import accurate_abs_rho, correlation, row_norms
 from .backends.base import Candidates, QueryBatch
 from .backends.cpu import _abs_rho_row, _heap_push, _sift_down
 from .hilbert import hilbert_order
-from .precision import (
-    FLOAT32_MAX_MARGIN,
-    FLOAT32_QUANTILE,
-    PRECISIONS,
-    float32_margins,
-    gamma,
-    kernel_error,
-    query_margins,
-)
+from .precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
 
 #: queries per tile (one Numba task each)
 DEFAULT_TILE_SIZE = 128
@@ -725,18 +717,17 @@ class TreeSearcher:
 
     def __init__(self, tree, coords, lengthscales=None, v=None, p=None, kernel=None,
                  tile_size: int = DEFAULT_TILE_SIZE, pop_batch: int = POP_BATCH, sequential: bool = False,
-                 leaf_precision: str = "auto"):
+                 leaf_precision: str = "float64"):
         """``sequential``: the parity preset's arithmetic (docs/tree.md, "Parity preset"): fixed-order
         loops instead of BLAS for the query factors and bound products, accurate (Dot2) block
         values, so that the Rust oracle reproduces every counter bit for bit. Slower.
 
-        ``leaf_precision``: "float64", "float32" (leaf blocks' V products in single precision,
-        with the wider certified margin of ``margins``) or "auto": float32 where that margin is
-        small for most points (FLOAT32_MAX_MARGIN), float64 otherwise and always in the
-        sequential mode. The dense block is always float64 (its tiny p would make float32's
-        margin useless)."""
-        if leaf_precision not in PRECISIONS:
-            raise ValueError(f"leaf_precision must be one of {list(PRECISIONS)}, got {leaf_precision!r}")
+        ``leaf_precision``: "float64" or "float32" (leaf blocks' V products in single precision,
+        with the wider certified margin of ``margins``), as ResidualIndex resolved it
+        (precision.choose_precision decides "auto" for both methods). The dense block is always
+        float64 (its tiny p would make float32's margin useless)."""
+        if leaf_precision not in ("float64", "float32"):
+            raise ValueError(f"leaf_precision must be 'float64' or 'float32', got {leaf_precision!r}")
         self.tree = tree
         self.sequential = bool(sequential)
         self.metric = 0 if tree.metric == "residual" else 1
@@ -776,15 +767,8 @@ class TreeSearcher:
             # the problem-wide maxima search.exact_knn feeds to query_margins, and the maxima
             # over the tree's points (the candidates of the float32 leaf blocks)
             vn = row_norms(v)
-            w = vn * ip
-            self.w_max = float(np.max(w)) if v.shape[0] else 0.0
-            self.ip_max = float(np.max(ip)) if v.shape[0] else 0.0
-            self.w_max_tree = float(np.max(w[perm], initial=0.0))
-            self.ip_max_tree = float(np.max(ip[perm], initial=0.0))
-            if leaf_precision == "auto":
-                typical = (np.quantile(self._float32_margins(vn[perm], p[perm]), FLOAT32_QUANTILE)
-                           if perm.size else 0.0)
-                leaf_precision = "float32" if typical < FLOAT32_MAX_MARGIN and not self.sequential else "float64"
+            self.w_max, self.ip_max = candidate_maxima(vn, p)
+            self.w_max_tree, self.ip_max_tree = candidate_maxima(vn[perm], p[perm])
             if self.sequential and leaf_precision == "float32":
                 raise ValueError("the sequential (parity) mode evaluates accurate float64 values")
             self.leaf_precision = leaf_precision
