@@ -2,15 +2,18 @@
 //
 // Loaded by residual_gpu/backends/cuda.py with cupy.RawModule (compiled by NVRTC on first
 // use, cached by CuPy), with -DRG_SELECT_BLOCK=<threads per block> so that host and device
-// agree on the block size. The GEMM G = V_Q V_C^T is done beforehand by cuBLAS (cupy.matmul,
-// float64); these kernels take one tile of G and turn it into fast
+// agree on the block size. The GEMM G = V_Q V_C^T is done beforehand by cuBLAS (cupy.matmul:
+// DGEMM, or SGEMM for a float32 fast pass); these kernels take one tile of G and turn it into fast
 //
 //     a = min(|variance * g(r2) - G| * (1 / sqrt(p_q)) * (1 / sqrt(p_c)), 1)
 //
 // with r2 from direct coordinate differences times 1 / lengthscale, exactly the formula
 // (and operation order) of the CPU backend (residual_gpu/backends/cpu.py, _abs_rho_row).
-// Rounding differences (libdevice exp vs. the CPU polynomial, FMA contraction) are within
-// the kernel-error margin of residual_gpu/precision.py; certification happens on the host.
+// Every kernel comes twice: for float64 G (`residual_...`) and for float32 G (`..._f32`), whose
+// correlation g(r2) is evaluated in float32 from r2 rounded to float32, as the CPU's _corr32;
+// r2 and a stay float64 in both. Rounding differences (libdevice exp vs. the CPU polynomial,
+// FMA contraction) are within the kernel-error margin of residual_gpu/precision.py of G's
+// precision; certification happens on the host.
 //
 // The file is plain CUDA C++ that NVRTC compiles without any include. Defining
 // RG_HOST_EMULATION lets the test suite compile the very same kernels with a host C++
@@ -33,45 +36,63 @@ static_assert((RG_SELECT_BLOCK & (RG_SELECT_BLOCK - 1)) == 0 && RG_SELECT_BLOCK 
 
 #define RG_SQRT3 1.7320508075688772  /* math.sqrt(3.0), as residual_gpu._numba_math._SQRT3 */
 #define RG_SQRT5 2.23606797749979    /* math.sqrt(5.0) */
+#define RG_EXP32_CLAMP 87.0f         /* -residual_gpu._numba_math._EXP32_MIN */
 
 // Sentinels: every a is in [0, 1] (fabs, then the clamp, which also sends NaN to 1), so a
 // threshold of -2 admits everything and +2 admits nothing.
 #define RG_ADMIT_ALL (-2.0)
 #define RG_ADMIT_NONE 2.0
 
+// The correlation g(r2) in double precision.
+__device__ __forceinline__ double rg_corr(int kernel_id, double r2, double)
+{
+    if (kernel_id == 0) return exp(-0.5 * r2);   // RBF
+    if (kernel_id == 1) return exp(-sqrt(r2));   // Matern 1/2
+    const double c = kernel_id == 2 ? RG_SQRT3 : RG_SQRT5;  // Matern 3/2, 5/2
+    const double r2_coef = kernel_id == 2 ? 0.0 : 5.0 / 3.0;
+    const double sr = c * sqrt(r2);
+    return exp(-sr) * (1.0 + sr + r2_coef * r2);
+}
+
+// The correlation in single precision from r2 rounded to float (the CPU's _corr32). Beyond
+// the exp's range (s > 87) the Matern polynomial could reach inf (and inf * 0 = NaN); the
+// exact value there is below 5e-35, so 0, as on the CPU.
+__device__ __forceinline__ double rg_corr(int kernel_id, double r2d, float)
+{
+    const float r2 = (float)r2d;
+    if (kernel_id == 0) return (double)expf(-0.5f * r2);
+    if (kernel_id == 1) return (double)expf(-sqrtf(r2));
+    const float c = kernel_id == 2 ? (float)RG_SQRT3 : (float)RG_SQRT5;
+    const float r2_coef = kernel_id == 2 ? 0.0f : 5.0f / 3.0f;
+    const float sr = c * sqrtf(r2);
+    return sr <= RG_EXP32_CLAMP ? (double)(expf(-sr) * (1.0f + sr + r2_coef * r2)) : 0.0;
+}
+
 // Fast |rho| of query (xq, ipq) against column `col` of the transposed coordinates xt
-// (d rows of leading dimension ldx), given g = V_q . V_col and ipc = 1 / sqrt(p_col).
+// (d rows of leading dimension ldx), given g = V_q . V_col (of type T, which picks the
+// precision of the correlation) and ipc = 1 / sqrt(p_col).
+template <typename T>
 __device__ __forceinline__ double rg_abs_rho(int kernel_id, double variance, const double* xq,
                                              const double* inv_scale, int d, double ipq,
                                              const double* xt, long long ldx, long long col,
-                                             double g, double ipc)
+                                             T g, double ipc)
 {
     double r2 = 0.0;
     for (int t = 0; t < d; ++t) {
         const double diff = (xq[t] - xt[(long long)t * ldx + col]) * inv_scale[t];
         r2 += diff * diff;
     }
-    double k;
-    if (kernel_id == 0) {            // RBF
-        k = exp(-0.5 * r2);
-    } else if (kernel_id == 1) {     // Matern 1/2
-        k = exp(-sqrt(r2));
-    } else {                         // Matern 3/2, 5/2
-        const double c = kernel_id == 2 ? RG_SQRT3 : RG_SQRT5;
-        const double r2_coef = kernel_id == 2 ? 0.0 : 5.0 / 3.0;
-        const double sr = c * sqrt(r2);
-        k = exp(-sr);
-        k *= 1.0 + sr + r2_coef * r2;
-    }
-    const double a = fabs(variance * k - g) * ipq * ipc;
+    const double k = rg_corr(kernel_id, r2, g);
+    const double a = fabs(variance * k - (double)g) * ipq * ipc;
     return a < 1.0 ? a : 1.0;
 }
 
 // Dense tile: out[r, b] = a(query r, candidate b) for rows x cols entries, row-major.
-// g (rows, cols) = V_Q V_C^T; qx (rows, d); xc (d, cols) the candidates' coordinates,
+// g (rows, cols) = V_Q V_C^T (double or float); qx (rows, d); xc (d, cols) the candidates' coordinates,
 // transposed; qip (rows,), ipc (cols,) the 1 / sqrt(p). Grid-stride loop, any launch shape.
-extern "C" __global__ void residual_abs_rho_dense(
-    const double* __restrict__ g, long long rows, long long cols,
+template <typename T>
+__device__ __forceinline__ void rg_abs_rho_dense(
+    const T* __restrict__ g, long long rows, long long cols,
     const double* __restrict__ qx, int d, const double* __restrict__ qip,
     const double* __restrict__ xc, const double* __restrict__ ipc,
     const double* __restrict__ inv_scale, int kernel_id, double variance,
@@ -85,6 +106,16 @@ extern "C" __global__ void residual_abs_rho_dense(
         out[e] = rg_abs_rho(kernel_id, variance, qx + r * d, inv_scale, d, qip[r], xc, cols, b, g[e], ipc[b]);
     }
 }
+
+#define RG_DENSE_PARAMS(T)                                                                  \
+    const T* __restrict__ g, long long rows, long long cols, const double* __restrict__ qx, \
+    int d, const double* __restrict__ qip, const double* __restrict__ xc,                   \
+    const double* __restrict__ ipc, const double* __restrict__ inv_scale, int kernel_id,    \
+    double variance, double* __restrict__ out
+#define RG_DENSE_ARGS g, rows, cols, qx, d, qip, xc, ipc, inv_scale, kernel_id, variance, out
+
+extern "C" __global__ void residual_abs_rho_dense(RG_DENSE_PARAMS(double)) { rg_abs_rho_dense(RG_DENSE_ARGS); }
+extern "C" __global__ void residual_abs_rho_dense_f32(RG_DENSE_PARAMS(float)) { rg_abs_rho_dense(RG_DENSE_ARGS); }
 
 // Thread 0's insertion of one candidate into its query's bounded min-heap (the `keep`
 // largest a), exactly as CpuBackend's _select_tile: whatever is not kept raises *dropped.
@@ -138,8 +169,9 @@ __device__ __forceinline__ void rg_heap_offer(double* ha, long long* hi, int kee
 //
 // With use_shared_heap != 0 the heap is staged in dynamic shared memory (the launch must
 // give keep * 16 bytes), else thread 0 works on it in global memory.
-extern "C" __global__ void residual_select_tile(
-    const double* __restrict__ g, int width,
+template <typename T>
+__device__ __forceinline__ void rg_select_tile(
+    const T* __restrict__ g, int width,
     const double* __restrict__ qx, int d, const double* __restrict__ qip,
     const long long* __restrict__ qself, const long long* __restrict__ qlimit,
     const double* __restrict__ xt, long long n, const double* __restrict__ ip,
@@ -184,7 +216,7 @@ extern "C" __global__ void residual_select_tile(
     if (tid == 0) s_thr = size < keep ? RG_ADMIT_ALL : (keep > 0 ? ha[0] : RG_ADMIT_NONE);
     __syncthreads();
 
-    const double* grow = g + (long long)row * width;
+    const T* grow = g + (long long)row * width;
     const double* xq = qx + (long long)row * d;
     const double ipq = qip[row];
     double local_drop = -1.0;  // every thread: candidates below the threshold
@@ -232,3 +264,16 @@ extern "C" __global__ void residual_select_tile(
         evaluations[row] += w - ((skip >= 0 && skip < (long long)w) ? 1 : 0);
     }
 }
+
+#define RG_SELECT_PARAMS(T)                                                                    \
+    const T* __restrict__ g, int width, const double* __restrict__ qx, int d,                  \
+    const double* __restrict__ qip, const long long* __restrict__ qself,                       \
+    const long long* __restrict__ qlimit, const double* __restrict__ xt, long long n,          \
+    const double* __restrict__ ip, const double* __restrict__ inv_scale, int kernel_id,        \
+    double variance, long long c0, double* heap_a, long long* heap_i, int keep,                \
+    int use_shared_heap, int* count, double* a_dropped, long long* evaluations
+#define RG_SELECT_ARGS g, width, qx, d, qip, qself, qlimit, xt, n, ip, inv_scale, kernel_id, variance, c0, \
+    heap_a, heap_i, keep, use_shared_heap, count, a_dropped, evaluations
+
+extern "C" __global__ void residual_select_tile(RG_SELECT_PARAMS(double)) { rg_select_tile(RG_SELECT_ARGS); }
+extern "C" __global__ void residual_select_tile_f32(RG_SELECT_PARAMS(float)) { rg_select_tile(RG_SELECT_ARGS); }

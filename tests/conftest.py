@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 import residual_gpu as rg
-from residual_gpu.precision import accurate_rho_error, distance_tolerance, query_margins
+from residual_gpu.precision import (
+    accurate_rho_error,
+    candidate_maxima,
+    distance_tolerance,
+    float32_margins,
+    query_margins,
+)
 from residual_gpu.reference import (
     distance_from_rho,
     residual_distance_reference,
@@ -172,13 +178,16 @@ def check_knn(problem, k, *, backend="cpu", queries=None, query_coords=None, pre
     return res
 
 
-def fast_value_tolerance(problem, batch) -> np.ndarray:
+def fast_value_tolerance(problem, batch, dtype=np.float64) -> np.ndarray:
     """(q, 1): how far two backends' fast |rho| values for the same pair may differ: each lies
-    within its query's certification margin E_i of the exact value (precision.query_margins),
-    so the two within 2 E_i, whatever GEMM, exp or device computed them."""
-    ip = 1.0 / np.sqrt(problem.p)
-    e = query_margins(batch.v_norms, batch.p, float(np.max(problem.v_norms * ip)), float(np.max(ip)),
-                      problem.m, problem.d, problem.kernel.variance)
+    within its query's certification margin E_i of the exact value (precision.query_margins,
+    plus precision.float32_margins for a float32 fast pass), so the two within 2 E_i, whatever
+    GEMM, exp or device computed them."""
+    maxima = candidate_maxima(problem.v_norms, problem.p)
+    args = (batch.v_norms, batch.p, *maxima, problem.m, problem.d, problem.kernel.variance)
+    e = query_margins(*args)
+    if np.dtype(dtype) == np.float32:
+        e = e + float32_margins(*args)
     return 2.0 * e[:, None]
 
 

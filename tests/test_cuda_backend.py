@@ -19,6 +19,7 @@ Three layers, so that most of it is checked on machines without a GPU:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ from residual_gpu import search
 from residual_gpu.backends import get_backend
 from residual_gpu.backends.cuda import CudaBackend
 from residual_gpu.errors import BackendUnavailableError
+from residual_gpu.problem import ProblemView
 
 
 def check(problem, k, **kwargs):
@@ -144,7 +146,8 @@ def test_kernel_sources_are_found_without_cupy(monkeypatch):
     assert path.is_file() and path.stat().st_size > 0
     assert path == ROOT / "kernels" / cuda_backend.KERNEL_FILE  # the source tree wins in a checkout
     src = cuda_backend.kernel_source()
-    for name in ("residual_select_tile", "residual_abs_rho_dense", "RG_SELECT_BLOCK"):
+    for name in ("residual_select_tile", "residual_select_tile_f32", "residual_abs_rho_dense",
+                 "residual_abs_rho_dense_f32", "RG_SELECT_BLOCK"):
         assert name in src
 
 
@@ -217,7 +220,8 @@ def test_kernels_compile_with_nvrtc():
         ptx = ctypes.create_string_buffer(size.value)
         lib.nvrtcGetPTX(prog, ptx)
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
-        for name in ("residual_select_tile", "residual_abs_rho_dense"):
+        for name in ("residual_select_tile", "residual_select_tile_f32", "residual_abs_rho_dense",
+                     "residual_abs_rho_dense_f32"):
             assert f".entry {name}(" in ptx.value.decode()
         assert "warning" not in log.value.decode().lower(), log.value.decode()
 
@@ -265,6 +269,7 @@ template <> struct rg_code<double*> { static constexpr char c = 'D'; };
 template <> struct rg_code<const int*> { static constexpr char c = 'I'; };
 template <> struct rg_code<const long long*> { static constexpr char c = 'Q'; };
 template <> struct rg_code<const double*> { static constexpr char c = 'D'; };
+template <> struct rg_code<const float*> { static constexpr char c = 'F'; };
 
 template <typename... A> static std::string rg_signature(void (*)(A...)) { return std::string{rg_code<A>::c...}; }
 
@@ -304,7 +309,9 @@ static std::string rg_sig_buffer;
 extern "C" const char* rg_emu_signature(const char* name) {
     const std::string n(name);
     if (n == "residual_select_tile") rg_sig_buffer = rg_signature(residual_select_tile);
+    else if (n == "residual_select_tile_f32") rg_sig_buffer = rg_signature(residual_select_tile_f32);
     else if (n == "residual_abs_rho_dense") rg_sig_buffer = rg_signature(residual_abs_rho_dense);
+    else if (n == "residual_abs_rho_dense_f32") rg_sig_buffer = rg_signature(residual_abs_rho_dense_f32);
     else return nullptr;
     return rg_sig_buffer.c_str();
 }
@@ -312,7 +319,9 @@ extern "C" const char* rg_emu_signature(const char* name) {
 extern "C" int rg_emu_launch(const char* name, unsigned grid, unsigned block, std::size_t shared, void** args) {
     const std::string n(name);
     if (n == "residual_select_tile") rg_launch(residual_select_tile, grid, block, shared, args);
+    else if (n == "residual_select_tile_f32") rg_launch(residual_select_tile_f32, grid, block, shared, args);
     else if (n == "residual_abs_rho_dense") rg_launch(residual_abs_rho_dense, grid, block, shared, args);
+    else if (n == "residual_abs_rho_dense_f32") rg_launch(residual_abs_rho_dense_f32, grid, block, shared, args);
     else return 1;
     return 0;
 }
@@ -320,7 +329,7 @@ extern "C" int rg_emu_launch(const char* name, unsigned grid, unsigned block, st
 
 #: CUDA's default limit on dynamic + static shared memory per block without opt-in.
 _SHARED_LIMIT = 48 * 1024
-_DTYPE_OF = {"I": np.int32, "Q": np.int64, "D": np.float64}
+_DTYPE_OF = {"I": np.int32, "Q": np.int64, "D": np.float64, "F": np.float32}
 _SCALAR_OF = {"i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64), "d": (np.float64, ctypes.c_double)}
 
 
@@ -339,7 +348,7 @@ class _EmulatedRuntime:
         assert sig is not None, f"unknown kernel {name}"
         sig = sig.decode()
         assert len(sig) == len(args), f"{name}: {len(args)} arguments for a signature of {len(sig)}"
-        if name == "residual_select_tile":
+        if name.startswith("residual_select_tile"):
             assert block == self.block == cuda_backend.SELECT_BLOCK, "block size must match -DRG_SELECT_BLOCK"
         assert 1 <= grid < 2**31 and 1 <= block <= 1024
         assert 0 <= shared_mem and shared_mem + 3 * 8 * self.block + 64 <= _SHARED_LIMIT
@@ -430,28 +439,35 @@ def run_query_kinds(problem, d, ks=(1, 7, 40)):
     check(problem, problem.n, query_coords=xnew)  # every point
 
 
-def compare_abs_rho_tile_with_cpu():
+def compare_abs_rho_tile_with_cpu(dtype=np.float64, kernel=None):
+    """The dense kernel against the CPU backend's tile, with V (and the products) in ``dtype``."""
     x = np.random.default_rng(9).random((300, 3))
+    x[-1] = 1e19  # r^2 beyond float32's range: the Matern polynomial must not make inf * 0 = NaN
     u = np.random.default_rng(10).random((20, 3))  # off the data: p is a sizeable share of the variance
-    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.3, variance=1.3), inducing=u)
+    kernel = rg.Matern52(lengthscale=0.3, variance=1.3) if kernel is None else kernel
+    problem = rg.ResidualProblem(x, kernel=kernel, inducing=u)
     batch = rg.ResidualIndex(problem, backend="cpu")._batch(np.arange(0, 300, 7), None, False)
-    cols = np.random.default_rng(1).permutation(300)[:111]
+    batch = dataclasses.replace(batch, v=batch.v.astype(dtype))
+    view = ProblemView(problem, np.arange(problem.n), dtype)
+    cols = np.concatenate([np.random.default_rng(1).permutation(299)[:110], [299]])
     out = []
     for name in ("cpu", "cuda"):
         backend = get_backend(name)
-        out.append(backend.abs_rho_tile(backend.prepare(problem), batch, cols))
+        out.append(backend.abs_rho_tile(backend.prepare(view), batch, cols))
     cpu, fast = out
     assert fast.shape == (batch.size, cols.size) and fast.dtype == np.float64
-    assert np.all(np.abs(fast - cpu) <= fast_value_tolerance(problem, batch))
+    assert np.all(np.abs(fast - cpu) <= fast_value_tolerance(problem, batch, dtype))
     backend = get_backend("cuda")
-    assert backend.abs_rho_tile(backend.prepare(problem), batch, np.array([], dtype=np.int64)).shape == (batch.size, 0)
+    assert backend.abs_rho_tile(backend.prepare(view), batch, np.array([], dtype=np.int64)).shape == (batch.size, 0)
 
 
 @pytest.mark.parametrize("d,kernel,ls,m", CASES, ids=CASE_IDS)
 def test_emulated_every_query_kind(emulated, d, kernel, ls, m):
     problem = make_problem(1, 180, d, kernel(lengthscale=ls, variance=1.7), m)
     run_query_kinds(problem, d, ks=(1, 7, 40) if d == 1 else (7,))  # emulated threads are slow
-    assert {name for name, *_ in emulated.launches} == {"residual_select_tile"}
+    # only the streaming select ran (float64, or float32 where precision="auto" chose it)
+    assert {name for name, *_ in emulated.launches} <= {"residual_select_tile", "residual_select_tile_f32"}
+    assert emulated.launches
 
 
 def test_emulated_duplicates_ties_and_retries(emulated, monkeypatch):
@@ -501,15 +517,24 @@ def test_emulated_abs_rho_tile_matches_cpu(emulated):
     compare_abs_rho_tile_with_cpu()
 
 
+@pytest.mark.parametrize("kernel_cls", [rg.RBF, rg.Matern12, rg.Matern32, rg.Matern52])
+def test_emulated_float32_abs_rho_tile_matches_cpu(emulated, kernel_cls):
+    """The float32 instantiation (correlation in float32 from float32 G) against the CPU's float32
+    tile, within both float32 margins, for every kernel family."""
+    compare_abs_rho_tile_with_cpu(np.float32, kernel_cls(lengthscale=0.3, variance=1.3))
+    assert {name for name, *_ in emulated.launches} == {"residual_abs_rho_dense_f32"}
+
+
 @pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
 def test_emulated_float32_equals_float64(emulated, case):
-    """The float32 fast pass through the CUDA code path (SGEMM, then the float64 select kernel):
+    """The float32 fast pass through the CUDA code path (SGEMM, then the float32 select kernel):
     float64's answers bit for bit, in every query kind."""
     d, kernel_cls, ls, m = case
     problem = make_problem(1, 150, d, kernel_cls(lengthscale=ls), m)
     for predecessor in (False, True):
         index, _ = assert_float32_equals_float64(problem, 8, "cuda", predecessor=predecessor)
     assert index._brute_select.fast.prepared.v.dtype == np.float32
+    assert "residual_select_tile_f32" in {name for name, *_ in emulated.launches}
     assert_float32_equals_float64(problem, 6, "cuda", queries=np.array([0, 3, 3, 149]))
     assert_float32_equals_float64(problem, 9, "cuda", query_coords=np.random.default_rng(2).random((7, d)))
 
@@ -625,3 +650,5 @@ def test_gpu_select_candidates_matches_cpu(cuda_device, predecessor):
 @pytest.mark.gpu
 def test_gpu_abs_rho_tile_matches_cpu(cuda_device):
     compare_abs_rho_tile_with_cpu()
+    for kernel_cls in (rg.RBF, rg.Matern12, rg.Matern32, rg.Matern52):
+        compare_abs_rho_tile_with_cpu(np.float32, kernel_cls(lengthscale=0.3, variance=1.3))

@@ -1,12 +1,13 @@
-"""CuPy backend: cuBLAS (cupy.matmul, float64) for V_Q V_C^T, CUDA C kernels for the rest.
+"""CuPy backend: cuBLAS (cupy.matmul) for V_Q V_C^T, CUDA C kernels for the rest.
 
 Layout on the device (``prepare``, copied once): coordinates transposed (d, n) so that the
 threads of a block read consecutive candidates, V (n, m), 1/sqrt(p) (n,), 1/lengthscale (d,).
 
 ``select_candidates`` streams the data set in tiles. Per query tile (at most QUERY_TILE
-rows) and candidate tile (as wide as fits in TILE_ELEMENTS doubles, so about 128 MiB of G
-whatever n is) it runs one DGEMM G = V_Q V_C^T and one launch of ``residual_select_tile``
-(kernels/residual_select.cu): one thread block per query row computes the fast
+rows) and candidate tile (as wide as fits in TILE_ELEMENTS entries, so at most 128 MiB of G
+whatever n is) it runs one GEMM G = V_Q V_C^T in V's precision (DGEMM; SGEMM for a float32
+fast pass, whose V is float32) and one launch of ``residual_select_tile`` (``_f32`` for float32
+G; kernels/residual_select.cu): one thread block per query row computes the fast
 a = min(|variance g(r2) - G| / sqrt(p_q p_c), 1) of its row, exactly as the CPU backend's
 formula, and folds it into that row's bounded heap (the ``keep`` largest a) and its exact
 dropped maximum. The heaps (q, keep) stay on the device between tiles (staged in shared
@@ -36,7 +37,7 @@ from .base import Backend, Candidates, QueryBatch
 
 #: Query rows per GEMM / select launch (one thread block per row).
 QUERY_TILE = 2048
-#: Doubles in one tile of G = V_Q V_C^T (2**24 doubles = 128 MiB); fixes the candidate tile width.
+#: Entries in one tile of G = V_Q V_C^T (2**24 doubles = 128 MiB); fixes the candidate tile width.
 TILE_ELEMENTS = 1 << 24
 #: Widest candidate tile (used when a query tile has few rows, e.g. certification retries).
 MAX_CANDIDATE_TILE = 1 << 16
@@ -151,6 +152,11 @@ def candidate_tile_width(rows: int) -> int:
     return width // SELECT_BLOCK * SELECT_BLOCK
 
 
+def kernel_name(base: str, g_dtype) -> str:
+    """The kernel instantiated for G's precision: ``base`` for float64, ``base_f32`` for float32."""
+    return base if np.dtype(g_dtype) == np.float64 else f"{base}_f32"
+
+
 class CudaBackend(Backend):
     """CuPy on an NVIDIA GPU: cuBLAS DGEMM tiles and fused CUDA C select kernels."""
 
@@ -208,12 +214,12 @@ class CudaBackend(Backend):
         xp = rt.xp
         qx, qv, qip = self._queries(xp, batch, prepared.v.dtype)
         dcols = xp.asarray(cols)
-        g = xp.ascontiguousarray(qv @ prepared.v[dcols].T, dtype=np.float64)
+        g = xp.ascontiguousarray(qv @ prepared.v[dcols].T)
         xc = xp.ascontiguousarray(prepared.xt[:, dcols])
         ipc = xp.ascontiguousarray(prepared.inv_sqrt_p[dcols])
         out = xp.empty((q, c))
         blocks = min(math.ceil(q * c / DENSE_BLOCK), 1 << 20)  # grid-stride loop covers the rest
-        rt.launch("residual_abs_rho_dense", blocks, DENSE_BLOCK,
+        rt.launch(kernel_name("residual_abs_rho_dense", g.dtype), blocks, DENSE_BLOCK,
                   (g, np.int64(q), np.int64(c), qx, np.int32(prepared.d), qip, xc, ipc, prepared.inv_scale,
                    np.int32(prepared.kernel_id), np.float64(prepared.variance), out))
         return rt.asnumpy(out)
@@ -236,6 +242,7 @@ class CudaBackend(Backend):
         qlimit = xp.asarray(np.ascontiguousarray(batch.limit, dtype=np.int64))
         use_shared = keep <= SHARED_HEAP_MAX_KEEP
         shared_mem = 16 * keep if use_shared else 0
+        select = kernel_name("residual_select_tile", prepared.v.dtype)
         for q0 in range(0, q, QUERY_TILE):
             q1 = min(q0 + QUERY_TILE, q)
             rows = q1 - q0
@@ -243,9 +250,8 @@ class CudaBackend(Backend):
             width = candidate_tile_width(rows)
             for c0 in range(0, stop, width):
                 c1 = min(c0 + width, stop)
-                # cuBLAS DGEMM, or SGEMM for float32 V (the select kernel reads float64 G)
-                g = xp.ascontiguousarray(qv[q0:q1] @ prepared.v[c0:c1].T, dtype=np.float64)
-                rt.launch("residual_select_tile", rows, SELECT_BLOCK, (
+                g = qv[q0:q1] @ prepared.v[c0:c1].T  # cuBLAS DGEMM, or SGEMM for float32 V
+                rt.launch(select, rows, SELECT_BLOCK, (
                     g, np.int32(c1 - c0),
                     qx[q0:q1], np.int32(prepared.d), qip[q0:q1], qself[q0:q1], qlimit[q0:q1],
                     prepared.xt, np.int64(prepared.n), prepared.inv_sqrt_p, prepared.inv_scale,
