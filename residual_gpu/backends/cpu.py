@@ -220,6 +220,19 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
                 size = count[r]
                 dropped = a_dropped[r]
                 skip = qself[r] - c0
+                evaluations[r] += width - (1 if 0 <= skip < width else 0)
+                if size == keep:
+                    # once the heap is full most rows hold nothing above its minimum: then the
+                    # scalar fold below would only raise `dropped` to the row's maximum, which
+                    # one vectorised reduction finds
+                    if 0 <= skip < width:
+                        vals[skip] = -1.0
+                    top = -1.0
+                    for b in range(width):
+                        top = max(top, vals[b])
+                    if top <= ha[0]:
+                        a_dropped[r] = max(dropped, top)
+                        continue
                 for b in range(width):
                     if b == skip:
                         continue
@@ -236,7 +249,6 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
                         dropped = a
                 count[r] = size
                 a_dropped[r] = dropped
-                evaluations[r] += width - (1 if 0 <= skip < width else 0)
 
 
 class CpuBackend(Backend):
