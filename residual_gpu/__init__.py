@@ -3,6 +3,8 @@
     import residual_gpu as rg
     prob = rg.ResidualProblem(coords, kernel=rg.Matern52(lengthscale=0.1), inducing=256)
     res = rg.ResidualIndex(prob).query(k=30, predecessor=True)
+    res.vecchia_pattern()                                    # the Vecchia sparsity, scipy CSR
+    rg.ResidualNeighbors(n_neighbors=30).fit(coords)         # scikit-learn style (needs [sklearn])
 """
 
 from .backends import available_backends, get_backend
@@ -18,6 +20,16 @@ from .kernels import RBF, Kernel, Matern12, Matern32, Matern52
 from .problem import ResidualProblem
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # rg.ResidualNeighbors imports scikit-learn on first use only: it is an optional extra
+    if name == "ResidualNeighbors":
+        from .neighbors import ResidualNeighbors
+
+        return ResidualNeighbors
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "RBF",

@@ -1,7 +1,9 @@
 """Argument checks shared by the public entry points.
 
 Each helper returns a fresh array (never a view the caller could see us modify) and
-raises a typed error that quotes the argument's name and the offending value.
+raises a typed error that quotes the argument's name and the offending value. Array
+arguments may come from any array library (numpy, CuPy, JAX, PyTorch): ``_arrays.to_host``
+reads them, copying device memory to the host once.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import numbers
 
 import numpy as np
 
+from ._arrays import to_host
 from .errors import InvalidArgumentError, InvalidTypeError
 
 
@@ -20,6 +23,8 @@ def _describe(value) -> str:
         return repr(value.item())
     if isinstance(value, np.ndarray):
         return f"array(shape={value.shape}, dtype={value.dtype})"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # another library's array
+        return f"{type(value).__name__}(shape={tuple(value.shape)}, dtype={value.dtype})"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -33,8 +38,9 @@ def as_float_matrix(value, name: str, *, ncols: int | None = None, min_rows: int
     if isinstance(value, (str, bytes)) or value is None:
         raise InvalidTypeError(f"{name} must be a 2-D array of real numbers, got {_describe(value)}")
     try:
-        arr = np.asarray(value)
-    except Exception as exc:  # ragged lists and the like
+        host, fresh = to_host(value)
+        arr = np.asarray(host)
+    except Exception as exc:  # ragged lists, dtypes numpy lacks (bfloat16) and the like
         raise InvalidTypeError(f"{name} must be a 2-D array of real numbers, got {_describe(value)}") from exc
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InvalidTypeError(f"{name} must hold real numbers, got {name}.dtype={arr.dtype}")
@@ -48,7 +54,8 @@ def as_float_matrix(value, name: str, *, ncols: int | None = None, min_rows: int
         raise InvalidArgumentError(f"{name} must have {ncols} column(s), got {name}.shape={arr.shape}")
     if arr.shape[1] < 1:
         raise InvalidArgumentError(f"{name} must have at least one column, got {name}.shape={arr.shape}")
-    out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    # a fresh copy from device memory is already ours: no second host copy
+    out = (np.asarray if fresh else np.array)(arr, dtype=np.float64, order="C")
     if not np.all(np.isfinite(out)):
         bad = np.argwhere(~np.isfinite(out))[0]
         raise InvalidArgumentError(
@@ -60,7 +67,8 @@ def as_float_matrix(value, name: str, *, ncols: int | None = None, min_rows: int
 def as_float_vector(value, name: str, *, length: int | None = None, positive: bool = False) -> np.ndarray:
     """A float64 copy of a finite 1-D array (optionally of a given length, all > 0)."""
     try:
-        arr = np.asarray(value)
+        host, fresh = to_host(value)
+        arr = np.asarray(host)
     except Exception as exc:
         raise InvalidTypeError(f"{name} must be a 1-D array of real numbers, got {_describe(value)}") from exc
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
@@ -69,7 +77,7 @@ def as_float_vector(value, name: str, *, length: int | None = None, positive: bo
         raise InvalidArgumentError(f"{name} must be 1-D, got {name}.shape={arr.shape}")
     if length is not None and arr.shape[0] != length:
         raise InvalidArgumentError(f"{name} must have length {length}, got {name}.shape={arr.shape}")
-    out = np.array(arr, dtype=np.float64, copy=True)
+    out = (np.asarray if fresh else np.array)(arr, dtype=np.float64)
     bad = ~np.isfinite(out) | ((out <= 0) if positive else False)
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
@@ -79,7 +87,8 @@ def as_float_vector(value, name: str, *, length: int | None = None, positive: bo
 
 
 def as_positive_float(value, name: str) -> float:
-    """A finite float > 0 (a 0-d array counts as a scalar)."""
+    """A finite float > 0 (a 0-d array of any library counts as a scalar)."""
+    value = to_host(value)[0]
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
@@ -105,7 +114,7 @@ def as_int(value, name: str, *, low: int | None = None, high: int | None = None)
 def as_index_array(value, name: str, *, n: int) -> np.ndarray:
     """A 1-D int64 copy of dataset indices, each in [0, n)."""
     try:
-        arr = np.asarray(value)
+        arr = np.asarray(to_host(value)[0])
     except Exception as exc:
         raise InvalidTypeError(f"{name} must be a 1-D array of integers, got {_describe(value)}") from exc
     if arr.ndim == 0:

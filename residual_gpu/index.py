@@ -19,11 +19,14 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import scipy.sparse
 from tqdm.auto import tqdm
 
-from . import search
+from . import search, sparse
+from ._arrays import result_converter, to_host
 from ._numba_math import row_norms
 from ._validation import _describe, as_index_array, as_int
 from .backends import QueryBatch, get_backend
@@ -71,14 +74,40 @@ class KnnResult:
     """indices (q, k) int64 and distances (q, k) float64, ascending, ties to the smaller index.
 
     Rows with fewer than k admissible neighbours are padded with index -1 and distance inf.
+    The arrays are numpy, or those of the ``like=`` array's library given to ``query``.
+    ``query_ids`` are the dataset indices queried (None for new locations), ``n_points`` the
+    points searched and ``predecessor`` the mode: what ``to_csr`` and ``vecchia_pattern`` need.
     """
 
-    indices: np.ndarray
-    distances: np.ndarray
+    indices: Any
+    distances: Any
     telemetry: Telemetry
+    query_ids: np.ndarray | None
+    n_points: int
+    predecessor: bool
 
     def __iter__(self):
         return iter((self.indices, self.distances))
+
+    def to_csr(self) -> scipy.sparse.csr_array:
+        """The neighbour graph, (q, n_points) scipy.sparse CSR with the distances as values.
+
+        Padding is dropped; a neighbour at distance exactly 0.0 stays a stored entry (read the
+        pattern from ``indices``/``indptr``, not from ``!= 0``); columns ascend in each row.
+        """
+        return sparse.neighbour_graph(to_host(self.indices)[0], to_host(self.distances)[0], self.n_points)
+
+    def vecchia_pattern(self) -> scipy.sparse.csr_array:
+        """The Vecchia sparsity pattern, (n, n) boolean CSR, lower triangular: row i holds i and
+        its neighbours j < i. Needs an all-points predecessor query (``query(k, predecessor=True)``)."""
+        every = self.query_ids is not None and np.array_equal(self.query_ids, np.arange(self.n_points))
+        if not (self.predecessor and every):
+            asked = ("new locations (query_coords)" if self.query_ids is None
+                     else f"{self.query_ids.size} dataset queries" if not every else "all points")
+            raise InvalidArgumentError(
+                "vecchia_pattern() needs the result of an all-points predecessor query "
+                f"(index.query(k, predecessor=True)), got predecessor={self.predecessor} with {asked}")
+        return sparse.vecchia_pattern(to_host(self.indices)[0])
 
 
 class ResidualIndex:
@@ -225,16 +254,21 @@ class ResidualIndex:
         return QueryBatch(prob.coords[ids], prob.v[ids], prob.p[ids], prob.v_norms[ids], ids, limit)
 
     def query(self, k: int, *, queries=None, query_coords=None, predecessor: bool = False,
-              progress: bool | None = None, telemetry_path=None) -> KnnResult:
+              progress: bool | None = None, telemetry_path=None, like=None) -> KnnResult:
         """The k nearest neighbours in residual distance d = sqrt(1 - |rho|).
 
         queries: dataset indices (default: every point); query_coords: new locations (q, d).
+        Both, like the problem's arrays, may come from numpy, CuPy, JAX or PyTorch.
         predecessor: neighbours of dataset point i restricted to j < i (Vecchia ordering).
         telemetry_path: append the call's telemetry as one JSON line to this file.
+        like: an array (e.g. the query_coords passed) whose library and device the result's
+        indices and distances take; None (default) keeps them numpy.
         """
         if not isinstance(predecessor, (bool, np.bool_)):
             raise InvalidTypeError(f"predecessor must be a bool, got predecessor={predecessor!r}")
+        convert = result_converter(like)
         batch = self._batch(queries, query_coords, bool(predecessor))
+        query_ids = None if query_coords is not None else batch.self_index
         most = self.problem.n if query_coords is not None else self.problem.n - 1
         # In predecessor mode early rows have fewer than k admissible points and are padded,
         # but no row can ever have more than n - 1.
@@ -285,7 +319,7 @@ class ResidualIndex:
         telemetry.add_seconds("query", time.perf_counter() - t0)
         if telemetry_path is not None:
             telemetry.write_jsonl(telemetry_path)
-        return KnnResult(idx, dist, telemetry)
+        return KnnResult(convert(idx), convert(dist), telemetry, query_ids, self.problem.n, bool(predecessor))
 
     # -- persistence ---------------------------------------------------------------------
     def save(self, path) -> None:
@@ -401,9 +435,14 @@ def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | N
 
 def residual_knn(coords, k: int, kernel: Kernel, inducing=256, predecessor: bool = False, queries=None,
                  query_coords=None, backend: str = "auto", method: str = "auto", seed: int = 0,
-                 progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One call: build the problem and index, return (indices, distances)."""
+                 progress: bool | None = None, like=None) -> tuple[np.ndarray, np.ndarray]:
+    """One call: build the problem and index, return (indices, distances).
+
+    The arrays in may come from numpy, CuPy, JAX or PyTorch; the results are numpy, or in the
+    library and on the device of ``like`` (e.g. ``like=coords``), as in ``ResidualIndex.query``.
+    """
     problem = ResidualProblem(coords, kernel=kernel, inducing=inducing, seed=seed)
     index = ResidualIndex(problem, backend=backend, method=method)
-    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor, progress=progress)
+    res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor, progress=progress,
+                      like=like)
     return res.indices, res.distances
