@@ -6,7 +6,11 @@ is below AUTO_PRECHECK_P of the variance and a tree over AUTO_PRECHECK_N sampled
 at least AUTO_VACUOUS_SHARE of brute force's work (the bounds are vacuous, as on `gold`), or
 when the full tree, tried on AUTO_SAMPLE dataset queries (plain mode, k = AUTO_K), would spend
 at least AUTO_MAX_SHARE of brute force's work (distance evaluations plus bound dot products,
-per candidate); the tree otherwise.
+per candidate); the tree otherwise. The estimate (and the tree's build) is paid only once a
+query is large enough to repay it: a query with fewer than AUTO_ESTIMATE_RATIO x
+AUTO_BUILD_PAIRS x n admissible (query, candidate) pairs runs brute force and leaves the method
+undecided; the first larger query, or reading ``index.method`` (which assumes all points),
+decides it.
 
 ``precision="auto"`` rule (precision.choose_precision, docs/precision.md "The float32 fast
 pass"): float32 where the FLOAT32_QUANTILE quantile of the points' float32 margins is below
@@ -50,6 +54,13 @@ AUTO_TILES = 2
 AUTO_K = 30
 #: ``method="auto"`` picks the tree only if its estimated work share is below this
 AUTO_MAX_SHARE = 0.35
+#: the tree's build costs about as much as brute force over this many (query, candidate) pairs
+#: per point (vif, n = 32768 and 131072, m = 512, float64 and float32: 800-1100, docs/tree.md
+#: section 6), so an estimate that ends in brute force wastes about that much
+AUTO_BUILD_PAIRS = 1000
+#: ``method="auto"`` estimates only for a query of at least this many times the build's pairs:
+#: whatever it decides, deciding costs at most ~1/AUTO_ESTIMATE_RATIO of brute force's time
+AUTO_ESTIMATE_RATIO = 10
 #: ``method="auto"`` pre-check: a tree over this many sampled points; a work share at or above
 #: AUTO_VACUOUS_SHARE there means the bounds are vacuous (brute force, without the full build)
 AUTO_PRECHECK_N = 4096
@@ -115,7 +126,8 @@ class ResidualIndex:
 
     ``backend`` ("auto", "cpu", "cuda", "jax") is resolved once here and kept in
     ``self.backend``; ``method`` ("auto", "brute", "tree") likewise in ``self.method``
-    (``self.auto_reason`` says why "auto" chose it). ``precision`` ("auto", "float64",
+    (``self.auto_reason`` says why "auto" chose it; "auto" decides at the first query large
+    enough to repay its estimate, smaller queries run brute force, see the module docstring). ``precision`` ("auto", "float64",
     "float32") is that of the fast pass of either method, resolved once into
     ``self.precision`` (``self.precision_reason`` says why); the certification and the
     re-ranking stay float64, so the answers are the same bits in either (docs/precision.md).
@@ -174,15 +186,28 @@ class ResidualIndex:
         self._prepared = self._backend.prepare(problem)
         self._brute_select = BruteSelect(self._backend, self._prepared, problem, precision)
         self.build_seconds_by_phase = {"prepare": time.perf_counter() - t0}
+        self._method = None  # "auto" still undecided (the method property)
         if method == "brute":
-            self.method = "brute"
+            self._method = "brute"
         elif method == "tree" or _tree is not None:
-            self.method = "tree"
+            self._method = "tree"
             self._set_tree(_tree if _tree is not None else build_tree(
                 problem, self.leaf_size, progress=progress, sequential=self._options["sequential"]))
         else:
-            self.method = self._choose_method(progress)
-        self.build_seconds = float(sum(self.build_seconds_by_phase.values()))
+            self._method = self._choose_without_estimate()
+
+    @property
+    def method(self) -> str:
+        """"brute" or "tree"; an undecided ``method="auto"`` decides here, as for a query of all
+        points (building the tree, which is then kept if chosen)."""
+        if self._method is None:
+            self._method = self._choose_method(progress=False)
+        return self._method
+
+    @property
+    def build_seconds(self) -> float:
+        """Seconds spent building so far (``build_seconds_by_phase`` summed), auto's estimate included."""
+        return float(sum(self.build_seconds_by_phase.values()))
 
     def _set_tree(self, tree) -> None:
         self.tree = tree
@@ -196,15 +221,47 @@ class ResidualIndex:
         # V, coordinates and 1/sqrt(p) copied into tree order
         self.build_seconds_by_phase["tree_layout"] = time.perf_counter() - t0
 
-    def _choose_method(self, progress) -> str:
-        """The documented ``method="auto"`` rule (module docstring)."""
-        prob = self.problem
+    def _choose_without_estimate(self) -> str | None:
+        """The ``method="auto"`` rules that need no estimate: "brute", or None (undecided)."""
         if self.backend != "cpu":
             self.auto_reason = f"backend {self.backend!r}: tree leaf blocks run on the host, brute force on the device"
             return "brute"
-        if prob.n < AUTO_MIN_N:
-            self.auto_reason = f"n={prob.n} < {AUTO_MIN_N}: brute force"
+        if self.problem.n < AUTO_MIN_N:
+            self.auto_reason = f"n={self.problem.n} < {AUTO_MIN_N}: brute force"
             return "brute"
+        return None
+
+    def method_for(self, *, queries=None, query_coords=None, predecessor: bool = False, progress=None) -> str:
+        """The method ``query`` would use for these queries ("brute" or "tree"): an undecided
+        "auto" answers a query too small to repay its estimate by brute force, and decides
+        (estimate, tree build) at the first one large enough, as ``query`` itself does."""
+        if self._method is not None:
+            return self._method
+        n = self.problem.n
+        if query_coords is not None:
+            pairs = len(query_coords) * n
+        elif queries is None:
+            pairs = n * (n - 1) // 2 if predecessor else n * n
+        else:
+            ids = as_index_array(queries, "queries", n=n)
+            pairs = int(ids.sum()) if predecessor else ids.size * n
+        return self._method_for(pairs, progress)
+
+    def _method_for(self, pairs: int, progress) -> str:
+        if self._method is not None:
+            return self._method
+        enough = AUTO_ESTIMATE_RATIO * AUTO_BUILD_PAIRS * self.problem.n
+        if pairs < enough:
+            self.auto_reason = (f"undecided: a query of {pairs:.3g} candidate pairs < {AUTO_ESTIMATE_RATIO} x "
+                                f"{AUTO_BUILD_PAIRS} x n = {enough:.3g} cannot repay the tree's estimate: brute force")
+            return "brute"
+        self._method = self._choose_method(progress)
+        return self._method
+
+    def _choose_method(self, progress) -> str:
+        """The documented ``method="auto"`` estimate (module docstring), for a CPU problem of
+        n >= AUTO_MIN_N."""
+        prob = self.problem
         t0 = time.perf_counter()
         # 1. where residual variances are small, a cheap pre-check on a subsample: are the
         #    bounds vacuous (as on `gold`)? Then brute force, without the full build.
@@ -273,10 +330,11 @@ class ResidualIndex:
         # In predecessor mode early rows have fewer than k admissible points and are padded,
         # but no row can ever have more than n - 1.
         k = as_int(k, "k", low=1, high=most)
-        telemetry = Telemetry(method=self.method, backend=self.backend, queries=batch.size, k=k,
+        method = self._method_for(int(np.minimum(batch.limit, self.problem.n).sum()), progress)
+        telemetry = Telemetry(method=method, backend=self.backend, queries=batch.size, k=k,
                               predecessor=bool(predecessor), precision=self.precision)
         t0 = time.perf_counter()
-        if self.method == "tree":
+        if method == "tree":
             tree = self.tree
             telemetry.tree_nodes = tree.nodes
             telemetry.tree_leaves = tree.leaves
@@ -401,7 +459,8 @@ class ResidualIndex:
                    precision=precision, _tree=tree)
 
     def __repr__(self) -> str:
-        return f"ResidualIndex({self.problem!r}, backend={self.backend!r}, method={self.method!r})"
+        method = "auto (undecided)" if self._method is None else self._method
+        return f"ResidualIndex({self.problem!r}, backend={self.backend!r}, method={method!r})"
 
 
 def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | None = None) -> float:

@@ -487,6 +487,44 @@ def test_auto_picks_the_tree_where_it_prunes():
     same_as_brute(problem, res, 10, queries=np.arange(0, 6000, 50), predecessor=True)
 
 
+def test_auto_answers_small_queries_by_brute_force_without_estimating():
+    """The gold regime with 64 queries: deciding would cost more than brute force for them, so
+    auto answers by brute force, estimates nothing and builds no tree; reading index.method then
+    decides as for all points."""
+    n = 4096
+    x = np.random.default_rng(42).normal(size=(n, 3))
+    u = x[np.sort(np.random.default_rng(0).choice(n, 256, replace=False))]
+    problem = rg.ResidualProblem(x, kernel=rg.RBF(lengthscale=1.0), inducing=u)
+    index = rg.ResidualIndex(problem, backend="cpu")
+    queries = np.arange(0, n, 64)
+    assert index.method_for(queries=queries) == "brute"
+    res = index.query(20, queries=queries)
+    assert res.telemetry.method == "brute" and index.tree is None
+    assert "auto_estimate" not in index.build_seconds_by_phase and "undecided" in index.auto_reason
+    assert "undecided" in repr(index)
+    same_as_brute(problem, res, 20, queries=queries)
+    assert index.method == "brute" and "auto_estimate" in index.build_seconds_by_phase
+
+
+def test_auto_decides_at_the_first_query_large_enough(monkeypatch):
+    import residual_gpu.index as index_module
+
+    monkeypatch.setattr(index_module, "AUTO_BUILD_PAIRS", 100)  # 10 x 100 x 6000 pairs suffice
+    x = np.random.default_rng(1).random((6000, 2))
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.02), inducing=64, seed=0)
+    index = rg.ResidualIndex(problem, backend="cpu", method="auto")
+    few = np.arange(0, 6000, 300)
+    small = index.query(10, queries=few)
+    assert small.telemetry.method == "brute" and index.tree is None
+    full = index.query(10, predecessor=True)
+    assert full.telemetry.method == "tree" and index.method == "tree" and index.tree is not None
+    assert index.build_seconds >= index.build_seconds_by_phase["auto_estimate"] > 0
+    same_as_brute(problem, full, 10, predecessor=True)
+    again = index.query(10, queries=few)  # decided: every query now uses the tree
+    assert again.telemetry.method == "tree"
+    assert np.array_equal(again.indices, small.indices) and np.array_equal(again.distances, small.distances)
+
+
 def test_auto_small_problems_use_brute_force_and_bad_methods_are_rejected():
     problem = make_problem(0, 100, 2, rg.Matern52(lengthscale=0.1), 10)
     assert rg.ResidualIndex(problem, backend="cpu").method == "brute"
