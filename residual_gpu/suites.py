@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .kernels import RBF, Kernel, Matern52
+from .kernels import RBF, Kernel, Matern12, Matern52
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,22 @@ def scale(n: int | None = None) -> SuiteCase:
     return SuiteCase("scale", case.coords, case.kernel, case.inducing, None, case.k, case.modes)
 
 
+def spatial(n: int | None = None) -> SuiteCase:
+    """Most spatial GP data is 2-D: uniform [0,1]^2, Matern 1/2 (GPBoost's default
+    "exponential"), l = 0.05, 256 kmeans++ inducing points, k = 20, predecessor, all points."""
+    n = 131072 if n is None else n
+    coords = np.random.default_rng(2).random((n, 2))
+    return SuiteCase("spatial", coords, Matern12(lengthscale=0.05, variance=1.0), min(256, n), None, min(20, n - 1),
+                     (True,))
+
+
 def smoke(n: int | None = None) -> SuiteCase:
     """``vif`` at n = 2048, k = 10: seconds, for CI and the README."""
     case = vif(2048 if n is None else n, k=10)
     return SuiteCase("smoke", case.coords, case.kernel, case.inducing, None, case.k, case.modes)
 
 
-SUITES = {"smoke": smoke, "gold": gold, "vif": vif, "scale": scale}
+SUITES = {"smoke": smoke, "gold": gold, "vif": vif, "scale": scale, "spatial": spatial}
 
 
 def get_suite(name: str, n: int | None = None) -> SuiteCase:
