@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-from distributed import Client, default_client, wait
+from distributed import Client, default_client
 
 from .._validation import _describe, as_float_matrix, as_index_array, as_int, check_scaled_spread
 from ..errors import InvalidArgumentError, InvalidTypeError
@@ -150,10 +150,10 @@ class DistributedIndex:
             self.client.submit(build_shard, x[rows], rows, self.kernel, u, jitter, p_floor, options, leaves,
                                workers=[workers[s % len(workers)]], allow_other_workers=True, pure=True)
             for s, rows in enumerate(self.shard_rows)]
-        wait(self._futures)
-        for fut in self._futures:
-            if fut.status == "error":
-                fut.result()  # raises the worker's exception (typed errors travel as they are)
+        for fut in self._futures:  # wait for the builds, leaving the shards on the workers
+            exc = fut.exception()
+            if exc is not None:
+                raise exc  # the worker's exception, typed errors as they are
 
     def shard_memory(self) -> list[int]:
         """Bytes of each shard's problem arrays (coords, V, p), as measured on its worker."""
