@@ -36,7 +36,8 @@ class DistributedTelemetry:
     """What one distributed query did: per chunk, its home shard, the other shards it was sent
     to (``searched``: those with a point below the chunk's largest limit), the ones of those
     that searched no query (``pruned``: every query cut by the bound or its limit); over the
-    call, the (query, other shard) pairs sent and those actually searched."""
+    call, the (query, other shard) pairs sent and those actually searched, and per shard the
+    distance evaluations its searches made (``evaluations``, the work)."""
 
     shards: int = 0
     chunks: int = 0
@@ -45,6 +46,7 @@ class DistributedTelemetry:
     pruned: list = field(default_factory=list)
     pairs_sent: int = 0
     pairs_searched: int = 0
+    evaluations: list = field(default_factory=list)
 
     @property
     def pruned_pair_share(self) -> float:
@@ -189,7 +191,7 @@ class DistributedIndex:
         q = home.size
         out_idx = np.empty((q, k), dtype=np.int64)
         out_dist = np.empty((q, k))
-        tel = DistributedTelemetry(shards=self.shards)
+        tel = DistributedTelemetry(shards=self.shards, evaluations=[0] * self.shards)
         # chunks: by home shard, Hilbert order inside (so a chunk is compact and prunes together)
         order = np.lexsort((np.argsort(hilbert_order(scaled_q, self._box_lo, self._box_hi)), home))
         pending: deque = deque()
@@ -222,6 +224,9 @@ class DistributedIndex:
         tel.pruned.append(sum(1 for p in parts if p.rows.size == 0))
         tel.pairs_sent += rows.size * len(parts)
         tel.pairs_searched += sum(int(p.rows.size) for p in parts)
+        tel.evaluations[h] += chunk.evaluations
+        for s, part in zip(others, parts):
+            tel.evaluations[s] += part.evaluations
 
     def close(self) -> None:
         """Release the shards on the workers."""

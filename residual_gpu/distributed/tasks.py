@@ -69,6 +69,7 @@ class Chunk:
     limit: np.ndarray
     indices: np.ndarray
     distances: np.ndarray
+    evaluations: int = 0
 
     def __sizeof__(self) -> int:  # dask's memory accounting and task placement read it
         return sum(a.nbytes for a in (self.coords, self.v, self.p, self.ids, self.limit, self.indices, self.distances))
@@ -81,18 +82,20 @@ class Part:
     rows: np.ndarray
     indices: np.ndarray
     distances: np.ndarray
+    evaluations: int = 0
 
     def __sizeof__(self) -> int:
         return self.rows.nbytes + self.indices.nbytes + self.distances.nbytes
 
 
-def _top(shard: Shard, k: int, coords, v, p, self_local, limit_local) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k on one shard in global indices, k columns (shards smaller than k pad)."""
+def _top(shard: Shard, k: int, coords, v, p, self_local, limit_local) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-k on one shard in global indices, k columns (shards smaller than k pad), and the
+    search's distance evaluations."""
     res = shard.index.query_from_factors(min(k, shard.n), coords, v, p, self_index=self_local, limit=limit_local)
     idx = np.where(res.indices >= 0, shard.rows[np.maximum(res.indices, 0)], -1)
     pad = k - idx.shape[1]
     return (np.pad(idx, ((0, 0), (0, pad)), constant_values=-1),
-            np.pad(res.distances, ((0, 0), (0, pad)), constant_values=np.inf))
+            np.pad(res.distances, ((0, 0), (0, pad)), constant_values=np.inf), res.telemetry.distance_evaluations)
 
 
 def search_home(shard: Shard, k: int, n: int, predecessor: bool, ids=None, factors=None) -> Chunk:
@@ -103,13 +106,13 @@ def search_home(shard: Shard, k: int, n: int, predecessor: bool, ids=None, facto
         prob = shard.index.problem
         coords, v, p = prob.coords[local], prob.v[local], prob.p[local]
         limit = ids.copy() if predecessor else np.full(ids.size, n, dtype=np.int64)
-        idx, dist = _top(shard, k, coords, v, p, local, local if predecessor else None)
+        idx, dist, evals = _top(shard, k, coords, v, p, local, local if predecessor else None)
     else:
         coords, v, p = factors
         ids = np.full(coords.shape[0], -1, dtype=np.int64)
         limit = np.full(coords.shape[0], n, dtype=np.int64)
-        idx, dist = _top(shard, k, coords, v, p, None, None)
-    return Chunk(coords, v, p, ids, limit, idx, dist)
+        idx, dist, evals = _top(shard, k, coords, v, p, None, None)
+    return Chunk(coords, v, p, ids, limit, idx, dist, evals)
 
 
 def search_other(shard: Shard, chunk: Chunk, k: int) -> Part:
@@ -125,8 +128,8 @@ def search_other(shard: Shard, chunk: Chunk, k: int) -> Part:
     if not rows.size:
         return Part(rows, np.empty((0, k), dtype=np.int64), np.empty((0, k)))
     local_limit = np.searchsorted(shard.rows, chunk.limit[rows], side="left")
-    idx, dist = _top(shard, k, chunk.coords[rows], chunk.v[rows], chunk.p[rows], None, local_limit)
-    return Part(rows, idx, dist)
+    idx, dist, evals = _top(shard, k, chunk.coords[rows], chunk.v[rows], chunk.p[rows], None, local_limit)
+    return Part(rows, idx, dist, evals)
 
 
 def merge(k: int, chunk: Chunk, parts: list[Part]) -> tuple[np.ndarray, np.ndarray]:
