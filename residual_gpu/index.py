@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import search, sparse
 from ._arrays import result_converter, to_host
 from ._numba_math import row_norms
-from ._validation import _describe, as_index_array, as_int
+from ._validation import _describe, as_float_matrix, as_float_vector, as_index_array, as_int
 from .backends import QueryBatch, get_backend
 from .brute import BruteSelect
 from .errors import IndexFormatError, InvalidArgumentError, InvalidTypeError, ResidualGPUError
@@ -330,6 +330,36 @@ class ResidualIndex:
         # In predecessor mode early rows have fewer than k admissible points and are padded,
         # but no row can ever have more than n - 1.
         k = as_int(k, "k", low=1, high=most)
+        return self._search(batch, k, bool(predecessor), progress, telemetry_path, query_ids, convert)
+
+    def query_from_factors(self, k: int, coords, v, p, *, self_index=None, limit=None,
+                           progress: bool | None = None, telemetry_path=None) -> KnnResult:
+        """The k nearest neighbours of queries given by their factors: coordinates (q, d), V rows
+        (q, m) and residual variances p (q,), computed with this problem's kernel and inducing
+        points (the rows of another problem's V over the same U, as residual_gpu.distributed's
+        shards exchange them).
+
+        self_index: per query, a dataset index it must not return (its own), or -1 (default: -1).
+        limit: per query, only points j < limit are admissible (predecessor mode in this
+        problem's indices; default: n). Rows with fewer than k admissible points are padded with
+        -1 and inf; k may be at most n.
+        """
+        prob = self.problem
+        xq = as_float_matrix(coords, "coords", ncols=prob.d)
+        q = xq.shape[0]
+        vq = as_float_matrix(v, "v", ncols=prob.m)
+        if vq.shape[0] != q:
+            raise InvalidArgumentError(f"v must have one row per query (q={q}), got v.shape={vq.shape}")
+        pq = as_float_vector(p, "p", length=q, positive=True)
+        own = np.full(q, -1, dtype=np.int64) if self_index is None else _per_query(self_index, "self_index", q, -1,
+                                                                                    prob.n - 1)
+        upto = np.full(q, prob.n, dtype=np.int64) if limit is None else _per_query(limit, "limit", q, 0, prob.n)
+        k = as_int(k, "k", low=1, high=prob.n)
+        batch = QueryBatch(xq, vq, pq, row_norms(vq), own, upto)
+        return self._search(batch, k, limit is not None, progress, telemetry_path, None, result_converter(None))
+
+    def _search(self, batch: QueryBatch, k: int, predecessor: bool, progress, telemetry_path, query_ids,
+                convert) -> KnnResult:
         method = self._method_for(int(np.minimum(batch.limit, self.problem.n).sum()), progress)
         telemetry = Telemetry(method=method, backend=self.backend, queries=batch.size, k=k,
                               predecessor=bool(predecessor), precision=self.precision)
@@ -461,6 +491,21 @@ class ResidualIndex:
     def __repr__(self) -> str:
         method = "auto (undecided)" if self._method is None else self._method
         return f"ResidualIndex({self.problem!r}, backend={self.backend!r}, method={method!r})"
+
+
+def _per_query(value, name: str, q: int, low: int, high: int) -> np.ndarray:
+    """A fresh int64 array of q values in [low, high] (query_from_factors' self_index and limit)."""
+    arr = np.asarray(value)
+    if arr.ndim != 1 or arr.shape[0] != q:
+        raise InvalidArgumentError(f"{name} must be 1-D with one entry per query (q={q}), got {name}.shape={arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidTypeError(f"{name} must hold integers, got {name}.dtype={arr.dtype}")
+    out = np.array(arr, dtype=np.int64, copy=True)
+    bad = (out < low) | (out > high)
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidArgumentError(f"{name} must be in [{low}, {high}], got {name}[{i}]={out[i]}")
+    return out
 
 
 def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | None = None) -> float:

@@ -140,6 +140,28 @@ def _sequential_products(amat, absa, mid, rad):
     return s0, sr
 
 
+def query_factors(t: np.ndarray, v: np.ndarray, gam: float, tnorm: float, sequential: bool = False):
+    """(a_q = T^-T V_q, bound rn_q on ||V_q - T^T a_q||, bound na_q on ||a_q||) for query rows v
+    (docs/tree.md section 2; T of size (0, 0) is the identity); gam and tnorm as the searcher's.
+    ``sequential``: fixed-order loops instead of LAPACK and BLAS (the parity preset)."""
+    m = v.shape[1]
+    grow = 1.0 + (m + 2) * _U
+    if not t.size:
+        a = np.array(v)
+        return a, np.zeros(v.shape[0]), row_norms(a) * grow
+    if sequential:
+        a, back = _solve_sequential(t, np.ascontiguousarray(v))
+    else:
+        # in the transposed (Fortran-order) world, so that LAPACK and BLAS copy nothing:
+        # columns of at are the a_q, columns of backt the T^T a_q
+        at = scipy.linalg.solve_triangular(t, v.T, lower=True, trans="T", check_finite=False)
+        backt = scipy.linalg.blas.dtrmm(1.0, t, at, side=0, lower=1, trans_a=1)
+        a, back = at.T, backt.T
+    na = row_norms(a) * grow
+    rn = row_norms(v - back) * grow + gam * tnorm * na
+    return a, rn, na
+
+
 @njit(parallel=True, cache=True, fastmath=False)
 def _bound_matrix(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, node_lo, node_hi, node_ymin, node_ymax,
                   node_zeta, node_zabs, s0, sr, qx, inv_scale, qip, qrn, qna, out):
@@ -796,23 +818,7 @@ class TreeSearcher:
     # -- per-query factors ---------------------------------------------------------
     def query_factors(self, v: np.ndarray):
         """(a_q = T^-T V_q, bound on ||V_q - T^T a_q||, ||a_q||) for query rows v."""
-        t = self.tree.transform
-        m = v.shape[1]
-        grow = 1.0 + (m + 2) * _U
-        if not t.size:
-            a = np.array(v)
-            return a, np.zeros(v.shape[0]), row_norms(a) * grow
-        if self.sequential:
-            a, back = _solve_sequential(t, np.ascontiguousarray(v))
-        else:
-            # in the transposed (Fortran-order) world, so that LAPACK and BLAS copy nothing:
-            # columns of at are the a_q, columns of backt the T^T a_q
-            at = scipy.linalg.solve_triangular(t, v.T, lower=True, trans="T", check_finite=False)
-            backt = scipy.linalg.blas.dtrmm(1.0, t, at, side=0, lower=1, trans_a=1)
-            a, back = at.T, backt.T
-        na = row_norms(a) * grow
-        rn = row_norms(v - back) * grow + self.gam * self.tnorm * na
-        return a, rn, na
+        return query_factors(self.tree.transform, v, self.gam, self.tnorm, self.sequential)
 
     # -- the select pass -------------------------------------------------------------
     def run(self, qx, qv, qp, qself, qlimit, keep: int, qa=None, qrn=None, qna=None, k=None, qmarg=None):
