@@ -4,11 +4,15 @@ GPBoost seeds its inducing points with kmeans++ and then runs Lloyd iterations. 
 here, deterministic for a seed, on the unscaled coordinates (ARD lengthscales play no part):
 
 - ``kmeanspp_indices`` (``inducing_method="kmeans++"``, the default): the seeding step alone,
-  which picks actual data points, in O(n m d). Since 0.2 it runs in Numba and makes exactly
-  the choices of the numpy version of 0.1 for the same seed: the same random draws in the same
-  order, the squared distances and the weights' total summed as numpy sums them (its pairwise
-  summation, reproduced in ``_pairwise_sum``), the same cumulative-sum search.
+  which picks actual data points, in O(n m d). It runs in Numba and makes exactly the choices
+  of 0.1.0's numpy version for the same seed (tests/test_build.py keeps that version as its
+  reference): the same random draws in the same order, the squared distances and the
+  weights' total summed as numpy sums them (its pairwise summation, reproduced in
+  ``_pairwise_sum``), the same cumulative-sum search.
 - ``kmeans_centres`` (``inducing_method="kmeans"``): kmeans++ seeding, then Lloyd iterations.
+
+Both square unscaled coordinate differences, as 0.1.0 did: coordinates more than ~1e154 apart
+overflow to inf (the problem's spread check bounds distances in lengthscales, not these).
 """
 
 from __future__ import annotations
