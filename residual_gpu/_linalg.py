@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._numba_math import _SQRT3, _SQRT5, portable_exp_nonpositive_inplace
+from ._numba_math import _SQRT3, _SQRT5, _dot2_step, portable_exp_nonpositive_inplace
 
 #: points solved together: the innermost loops run across them (SIMD lanes hold different points)
 _SOLVE_BLOCK = 32
@@ -96,9 +96,13 @@ def _kernel_row(kernel_id, variance, ua, xt, scale, row, work):
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _cross_factors(chol, u, x, scale, kernel_id, variance, out):
+def _cross_factors(chol, u, x, scale, kernel_id, variance, floor, out, p, norms):
     """out = V for chol and u padded to mp (a multiple of _ROW_GROUP) rows; out has the m real
-    columns (a row of V depends only on the rows above it, so the padding never reaches them)."""
+    columns (a row of V depends only on the rows above it, so the padding never reaches them).
+    p_i = max(floor, (variance - hi) - lo) with (hi, lo) = dot2(V_i, V_i), and norms as row_norms,
+    from the block while it is in cache: each lane runs their operations in their order, so the
+    bits are theirs on out's rows. p is a difference of nearly equal numbers wherever the
+    inducing points explain almost all of the variance, hence Dot2."""
     n, m = out.shape
     mp, d = u.shape
     nblocks = (n + _SOLVE_BLOCK - 1) // _SOLVE_BLOCK
@@ -127,6 +131,19 @@ def _cross_factors(chol, u, x, scale, kernel_id, variance, out):
         for j in range(w):
             for a in range(m):
                 out[j0 + j, a] = y[a, j]
+        hi, lo, sq = work[0], work[1], np.empty(_SOLVE_BLOCK)
+        for j in range(_SOLVE_BLOCK):
+            hi[j] = 0.0
+            lo[j] = 0.0
+            sq[j] = 0.0
+        for a in range(m):
+            for j in range(_SOLVE_BLOCK):
+                ya = y[a, j]
+                hi[j], lo[j] = _dot2_step(hi[j], lo[j], ya, ya)
+                sq[j] += ya * ya
+        for j in range(w):
+            p[j0 + j] = max(floor, (variance - hi[j]) - lo[j])
+            norms[j0 + j] = math.sqrt(sq[j])
 
 
 @njit(inline="always", cache=True)
@@ -149,19 +166,23 @@ def _subtract_solved_rows8(chol, y, acc, a0):
             acc[7, j] -= l7 * yt
 
 
-def cross_factors(chol: np.ndarray, inducing: np.ndarray, coords: np.ndarray, kernel) -> np.ndarray:
-    """V = (L^-1 K(U, X))^T, shape (q, m), for the lower Cholesky factor L of K(U, U) + jitter I:
-    K(U, X) formed one block of points at a time (the accurate path's kernel value,
-    ``variance * correlation(...)`` with portable_exp, bitwise) and solved in place by forward
-    substitution, each entry summed from the left in one order. A row depends on its point
-    alone: not on the block, the number of points or the threads (unlike a blocked trsm)."""
+def cross_factors(chol: np.ndarray, inducing: np.ndarray, coords: np.ndarray, kernel,
+                  p_floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(V, p, ||V_i||) for coordinates (q, d): V = (L^-1 K(U, X))^T, shape (q, m), for the lower
+    Cholesky factor L of K(U, U) + jitter I, K(U, X) formed one block of points at a time (the
+    accurate path's kernel value, ``variance * correlation(...)`` with portable_exp, bitwise)
+    and solved in place by forward substitution, each entry summed from the left in one order;
+    p = max(variance - ||V_i||^2, p_floor * variance) with ||V_i||^2 from Dot2, and the norms
+    as ``row_norms`` computes them. A row depends on its point alone: not on the block, the
+    number of points or the threads (unlike a blocked trsm)."""
     coords = np.ascontiguousarray(coords, dtype=np.float64)
-    m = inducing.shape[0]
+    q, m = coords.shape[0], inducing.shape[0]
     mp = -(-m // _ROW_GROUP) * _ROW_GROUP
     # padding: copies of the last inducing point, unit rows of L (only ever divided by 1)
     u = np.concatenate([inducing, np.repeat(inducing[-1:], mp - m, axis=0)]).astype(np.float64)
     lp = np.eye(mp)
     lp[:m, :m] = chol
-    out = np.empty((coords.shape[0], m))
-    _cross_factors(lp, u, coords, kernel.lengthscales(coords.shape[1]), kernel.kernel_id, kernel.variance, out)
-    return out
+    v, p, norms = np.empty((q, m)), np.empty(q), np.empty(q)
+    _cross_factors(lp, u, coords, kernel.lengthscales(coords.shape[1]), kernel.kernel_id, kernel.variance,
+                   p_floor * kernel.variance, v, p, norms)
+    return v, p, norms

@@ -234,22 +234,6 @@ def row_norms(v):
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def residual_variances(v, variance, floor):
-    """p_i = max(variance - ||V_i||^2, floor), with ||V_i||^2 from Dot2.
-
-    p is the difference of two nearly equal numbers wherever the inducing points explain
-    almost all of the variance, so the plain float64 sum of squares would lose it.
-    """
-    n = v.shape[0]
-    out = np.empty(n)
-    for i in prange(n):
-        hi, lo = dot2(v[i], v[i])
-        p = (variance - hi) - lo
-        out[i] = max(floor, p)
-    return out
-
-
 @njit(inline="always", cache=True, fastmath={"contract"})
 def exp_nonpositive_inplace(z, scratch):
     """z[b] <- exp(z[b]) for z <= 0, within 3 ulp of libm; arguments below -708 give exp(-708).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._linalg import cholesky_lower, cross_factors
-from ._numba_math import residual_variances, row_norms
+from ._numba_math import row_norms
 from ._validation import as_float_matrix, as_float_vector, as_int, check_scaled_spread
 from .errors import InvalidArgumentError, InvalidTypeError
 from .inducing import kmeans_centres, kmeanspp_indices
@@ -205,19 +205,19 @@ class ResidualProblem:
         return self._chol
 
     def _solve_cross(self, x):
-        """(L^-1 K(U, x))^T for coordinates x: each row the same bits whatever the other rows,
-        their number or the thread count (_linalg.cross_factors). The one path of V and V*."""
-        return cross_factors(self._chol, self.inducing, x, self.kernel)
+        """(V, p, ||V_i||) of coordinates x, V = (L^-1 K(U, x))^T: each row the same bits whatever
+        the other rows, their number or the thread count (_linalg.cross_factors). The one path
+        of the problem's factors and those of new locations."""
+        return cross_factors(self._chol, self.inducing, x, self.kernel, self.p_floor)
 
     def _build_factors(self):
-        v = self._solve_cross(self.coords)
-        self._set_factors(v, residual_variances(v, self.kernel.variance, self.p_floor * self.kernel.variance))
+        self._set_factors(*self._solve_cross(self.coords))
 
-    def _set_factors(self, v, p):
+    def _set_factors(self, v, p, v_norms=None):
         self.v = _frozen(np.ascontiguousarray(v))
         self.p = _frozen(np.ascontiguousarray(p))
         self.m = self.v.shape[1]
-        self.v_norms = _frozen(row_norms(self.v))
+        self.v_norms = _frozen(row_norms(self.v) if v_norms is None else v_norms)
 
     # -- queries at new locations ---------------------------------------------------
     def factors_at(self, query_coords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -229,8 +229,7 @@ class ResidualProblem:
             )
         check_scaled_spread([("the problem's coords and inducing points", self._bounds), ("query_coords", xq)],
                             self.lengthscales, lengthscale=self.kernel.lengthscale)
-        vq = np.ascontiguousarray(self._solve_cross(xq))
-        pq = residual_variances(vq, self.kernel.variance, self.p_floor * self.kernel.variance)
+        vq, pq, _ = self._solve_cross(xq)
         return xq, vq, pq
 
     def __repr__(self) -> str:

@@ -15,7 +15,14 @@ from test_determinism import thread_counts
 
 import residual_gpu as rg
 from residual_gpu._linalg import cross_factors
-from residual_gpu._numba_math import correlation, portable_exp, portable_exp_nonpositive_inplace, scaled_sq_distance
+from residual_gpu._numba_math import (
+    correlation,
+    dot2,
+    portable_exp,
+    portable_exp_nonpositive_inplace,
+    row_norms,
+    scaled_sq_distance,
+)
 from residual_gpu.cli import main
 from residual_gpu.errors import InvalidArgumentError
 from residual_gpu.inducing import KMEANS_MAX_ITER, _pairwise_sum, _update_centres, kmeans_centres, kmeanspp_indices
@@ -75,6 +82,16 @@ def _accurate_cross_covariance(x, u, scale, kernel_id, variance):
     return out
 
 
+@njit(fastmath=False)
+def _residual_variances(v, variance, floor):
+    """p_i = max(variance - ||V_i||^2, floor) with ||V_i||^2 from Dot2, one row at a time."""
+    out = np.empty(v.shape[0])
+    for i in range(v.shape[0]):
+        hi, lo = dot2(v[i], v[i])
+        out[i] = max(floor, (variance - hi) - lo)
+    return out
+
+
 def numpy_factors(x, kernel, u, jitter=DEFAULT_JITTER, p_floor=DEFAULT_P_FLOOR):
     """0.1's float64 formula: K(U, X) from numpy's exp, L from the problem's Cholesky, V by
     forward substitution (numpy's dot products), p = max(variance - ||V_i||^2, floor)."""
@@ -121,7 +138,7 @@ def test_kernel_values_are_the_accurate_paths_bit_for_bit(kernel, m):
     """With L = I the pass returns K(X, U) itself: the accurate path's kernel value, bitwise."""
     rng = np.random.default_rng(m)
     x, u = rng.random((77, 3)), rng.random((m, 3))
-    got = cross_factors(np.eye(m), u, x, kernel)
+    got, _, _ = cross_factors(np.eye(m), u, x, kernel, DEFAULT_P_FLOOR)
     want = _accurate_cross_covariance(x, u, kernel.lengthscales(3), kernel.kernel_id, kernel.variance)
     np.testing.assert_array_equal(got, want, strict=True)
     assert np.max(np.abs(got - kernel(x, u))) <= 2 * kernel_error(3) * kernel.variance
@@ -142,6 +159,17 @@ def test_v_and_p_within_the_documented_bound_of_numpy(kernel, case):
     assert np.count_nonzero(prob.v != v) > 0  # another exp: not the numpy formula in disguise
     if case == "data-inducing":  # the tiny-p regime: p ~ jitter at the inducing points
         assert np.min(prob.p) < 1e-5 * kernel.variance
+
+
+@pytest.mark.parametrize("m", [3, 16, 45])
+def test_p_and_norms_are_dot2_and_row_norms_of_v_bit_for_bit(m):
+    rng = np.random.default_rng(m)
+    x = rng.random((1234, 2))
+    x[:m] = np.repeat(x[:1], m, axis=0) + 1e-9 * rng.random((m, 2))  # near-duplicates: tiny p
+    prob = rg.ResidualProblem(x, kernel=rg.RBF(0.5, 3.0), inducing=x[m - 1:2 * m - 1], p_floor=1e-5)
+    np.testing.assert_array_equal(prob.p, _residual_variances(prob.v, 3.0, 1e-5 * 3.0), strict=True)
+    np.testing.assert_array_equal(prob.v_norms, row_norms(prob.v), strict=True)
+    assert np.any(prob.p == 1e-5 * 3.0) and np.any(prob.p > 1e-5 * 3.0)
 
 
 def test_factors_at_data_points_are_their_v_rows_bit_for_bit():
