@@ -9,10 +9,12 @@ builds once untimed (Numba compilation, caches) and then times, on the `vif` coo
 
 - ``kmeans++``: ``inducing.kmeanspp_indices`` alone;
 - ``given U``: ``ResidualProblem(coords, kernel, inducing=U)``, U the kmeans++ points as an array;
-- ``with kmeans++``: ``ResidualProblem(coords, kernel, inducing=m, seed=0)``, the whole build.
+- ``with kmeans++``: ``ResidualProblem(coords, kernel, inducing=m, seed=0)``, the whole build;
+- ``with kmeans`` (where the version has ``inducing_method``): the same with Lloyd iterations.
 
-It prints medians per (case, stage) and the ratio old / new, and checks that both versions choose
-the same inducing points and reports the largest |V_new - V_old| on a sample of rows.
+It prints medians per (case, stage) and the ratio old / new, checks that both versions choose
+the same inducing points, reports the largest |V_new - V_old| on a sample of rows and the
+median residual variance with kmeans++ and with kmeans inducing points.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ CASES = ((32768, 512), (262144, 256))
 STAGES = ("kmeans++", "given U", "with kmeans++")
 
 _WORKER = r"""
-import json, sys, time
+import inspect, json, sys, time
 import numpy as np
 import residual_gpu as rg
 from residual_gpu.inducing import kmeanspp_indices
@@ -51,7 +53,13 @@ del prob
 t = time.perf_counter(); prob = rg.ResidualProblem(x, kernel=kern, inducing=m, seed=0)
 out["with kmeans++"] = time.perf_counter() - t
 out["indices"] = prob.inducing_indices.tolist()
+out["median p"] = float(np.median(prob.p))
 np.save(sample_path, prob.v[::997])
+del prob
+if "inducing_method" in inspect.signature(rg.ResidualProblem).parameters:
+    t = time.perf_counter(); prob = rg.ResidualProblem(x, kernel=kern, inducing=m, seed=0, inducing_method="kmeans")
+    out["with kmeans"] = time.perf_counter() - t
+    out["median p kmeans"] = float(np.median(prob.p))
 print(json.dumps(out))
 """
 
@@ -94,13 +102,19 @@ def main() -> None:
                     out = run_worker(root, n, m, sample)
                     for s in STAGES:
                         times[ver, s].append(out[s])
+                    if "with kmeans" in out:
+                        times.setdefault((ver, "with kmeans"), []).append(out["with kmeans"])
+                        median_p = (out["median p"], out["median p kmeans"])
                     picks[ver], samples[ver] = out["indices"], np.load(sample)
             for s in STAGES:
                 old, new = np.median(times["old", s]), np.median(times["new", s])
                 print(f"{n} | {m} | {s} | {old:.3f} | {new:.3f} | {old / new:.2f}x")
+            lloyd = times.get(("new", "with kmeans"))
+            print(f"{n} | {m} | with kmeans | - | {np.median(lloyd):.3f} | (new only)")
             same = picks["old"] == picks["new"]
             diff = np.max(np.abs(samples["new"] - samples["old"]))
-            print(f"{n} | {m} | same kmeans++ choices: {same}; max |V_new - V_old| on every 997th row: {diff:.2e}")
+            print(f"{n} | {m} | same kmeans++ choices: {same}; max |V_new - V_old| on every 997th row: {diff:.2e}; "
+                  f"median p: kmeans++ {median_p[0]:.4f}, kmeans {median_p[1]:.4f}")
 
 
 if __name__ == "__main__":
