@@ -1,4 +1,4 @@
-"""The problem's Cholesky factor and triangular solve, in one fixed order of operations.
+"""The problem's Cholesky factor and its factors V = (L^-1 K(U, X))^T, in one fixed order of operations.
 
 LAPACK's potrf and BLAS's trsm (OpenBLAS, MKL) block their work by the thread count and the
 number of right-hand sides, and round differently for each split: with OpenBLAS, the Cholesky
@@ -9,7 +9,9 @@ whatever the batch and the thread count, so these factors are computed here in o
 entry: each entry is a sequential sum from its left, computed by one thread. The cost stays
 small against the search: m^3/6 multiply-adds for the factor, n m^2/2 for V, the latter
 vectorised across right-hand sides (SIMD lanes hold different points, so no sum is
-reordered).
+reordered). V is built in one pass (``cross_factors``): per block of points K(U, X) with the
+accurate path's kernel values, solved in place, then p and the row norms, so that no n x m
+array other than V is ever formed.
 """
 
 from __future__ import annotations
