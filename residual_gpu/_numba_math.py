@@ -89,6 +89,25 @@ def _exp_taylor(r):
 
 
 @njit(inline="always", cache=True)
+def portable_exp_nonpositive_inplace(z, scratch):
+    """z[b] <- portable_exp(z[b]) for z <= 0 (not nan), bitwise, in branch-free loops that
+    vectorise: 2^n is built in the exponent bits, which equals portable_exp's ldexp because n >=
+    -1021 on [-708, 0] (2^n and the product stay normal); arguments below -708 give 0 like
+    portable_exp. Callers must not run under fastmath (see portable_exp)."""
+    width = z.shape[0]
+    tb = scratch[:width]
+    for b in range(width):
+        t, r = _exp_reduce(max(_EXP_MIN, z[b]))
+        tb[b] = t
+        z[b] = 0.0 if z[b] < _EXP_MIN else _exp_taylor(r)
+    bits = tb.view(np.int64)
+    for b in range(width):
+        bits[b] = (bits[b] + 1023) << 52  # low bits of t hold n; this is 2**n's bit pattern
+    for b in range(width):
+        z[b] *= tb[b]
+
+
+@njit(inline="always", cache=True)
 def correlation(kernel_id, r2):
     """g(r^2) of the kernel family ``kernel_id`` (kernels.KERNEL_IDS), with portable_exp: the
     accurate path's value, bitwise the Rust oracle's ``Kernel::from_r2``."""
@@ -212,22 +231,6 @@ def row_norms(v):
         for t in range(v.shape[1]):
             s += v[i, t] * v[i, t]
         out[i] = math.sqrt(s)
-    return out
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def residual_variances(v, variance, floor):
-    """p_i = max(variance - ||V_i||^2, floor), with ||V_i||^2 from Dot2.
-
-    p is the difference of two nearly equal numbers wherever the inducing points explain
-    almost all of the variance, so the plain float64 sum of squares would lose it.
-    """
-    n = v.shape[0]
-    out = np.empty(n)
-    for i in prange(n):
-        hi, lo = dot2(v[i], v[i])
-        p = (variance - hi) - lo
-        out[i] = max(floor, p)
     return out
 
 

@@ -74,7 +74,10 @@ def _load_array(path: str, name: str) -> np.ndarray:
 @click.option("--lengthscale", type=str, default="1.0", show_default=True,
               help="A float, or comma-separated floats (one per dimension, ARD).")
 @click.option("--variance", type=float, default=1.0, show_default=True)
-@click.option("--inducing", type=int, default=256, show_default=True, help="Inducing points (kmeans++).")
+@click.option("--inducing", type=int, default=None,
+              help="Inducing points chosen from the data [default: min(256, n // 2)].")
+@click.option("--inducing-method", type=click.Choice(["kmeans++", "kmeans"]), default="kmeans++", show_default=True,
+              help="kmeans++: data points; kmeans: kmeans++ then Lloyd iterations (centroids).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--predecessor/--no-predecessor", default=False, show_default=True,
               help="Restrict neighbours of point i to j < i (Vecchia ordering).")
@@ -84,7 +87,7 @@ def _load_array(path: str, name: str) -> np.ndarray:
               help="Search method (auto: the documented rule, see docs/tree.md).")
 @click.option("--telemetry", "telemetry_path", type=str, default=None, help="Append telemetry as JSONL to this file.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
-def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, predecessor, query_coords,
+def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, inducing_method, seed, predecessor, query_coords,
         backend, method, telemetry_path, progress):
     """Neighbours of every point of COORDS (.npy or .csv), written to an .npz file."""
     from .index import ResidualIndex
@@ -98,7 +101,7 @@ def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, seed, p
                                  param_hint="--lengthscale") from None
     try:
         kern = make_kernel(kernel, lengthscale=ls[0] if len(ls) == 1 else np.array(ls), variance=variance)
-        problem = ResidualProblem(coords, kernel=kern, inducing=inducing, seed=seed)
+        problem = ResidualProblem(coords, kernel=kern, inducing=inducing, seed=seed, inducing_method=inducing_method)
         index = ResidualIndex(problem, backend=backend, method=method, progress=progress)
         qc = None if query_coords is None else _load_array(query_coords, "--query-coords")
         res = index.query(k, query_coords=qc, predecessor=predecessor, progress=progress,

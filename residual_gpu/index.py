@@ -537,15 +537,17 @@ def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | N
     return share
 
 
-def residual_knn(coords, k: int, kernel: Kernel, inducing=256, predecessor: bool = False, queries=None,
+def residual_knn(coords, k: int, kernel: Kernel, inducing=None, predecessor: bool = False, queries=None,
                  query_coords=None, backend: str = "auto", method: str = "auto", seed: int = 0,
-                 progress: bool | None = None, like=None) -> tuple[np.ndarray, np.ndarray]:
-    """One call: build the problem and index, return (indices, distances).
+                 progress: bool | None = None, inducing_method: str = "kmeans++",
+                 like=None) -> tuple[np.ndarray, np.ndarray]:
+    """One call: build the problem and index, return (indices, distances). ``inducing``,
+    ``seed`` and ``inducing_method`` as in ResidualProblem (None: min(256, n // 2) points).
 
     The arrays in may come from numpy, CuPy, JAX or PyTorch; the results are numpy, or in the
     library and on the device of ``like`` (e.g. ``like=coords``), as in ``ResidualIndex.query``.
     """
-    problem = ResidualProblem(coords, kernel=kernel, inducing=inducing, seed=seed)
+    problem = ResidualProblem(coords, kernel=kernel, inducing=inducing, seed=seed, inducing_method=inducing_method)
     index = ResidualIndex(problem, backend=backend, method=method)
     res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor, progress=progress,
                       like=like)

@@ -11,19 +11,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._linalg import cholesky_lower, solve_lower_columns
-from ._numba_math import residual_variances, row_norms
+from ._linalg import cholesky_lower, cross_factors
+from ._numba_math import row_norms
 from ._validation import as_float_matrix, as_float_vector, as_int, check_scaled_spread
 from .errors import InvalidArgumentError, InvalidTypeError
-from .inducing import kmeanspp_indices
+from .inducing import kmeans_centres, kmeanspp_indices
 from .kernels import Kernel, make_kernel
 
 #: Diagonal jitter added to K(U, U), relative to the kernel variance (GPBoost's default scale).
 DEFAULT_JITTER = 1e-6
 #: Smallest residual variance kept, relative to the kernel variance; p below it is rounding noise.
 DEFAULT_P_FLOOR = 1e-12
-#: Rows of K(U, X) formed at once when building V, so memory stays O(m * chunk) beyond V itself.
-_ROW_CHUNK = 8192
+#: The default inducing count's cap (see default_inducing).
+DEFAULT_MAX_INDUCING = 256
+#: How a count of inducing points is chosen from the data (inducing.py).
+INDUCING_METHODS = ("kmeans++", "kmeans")
+
+
+def default_inducing(n: int) -> int:
+    """The inducing count used when none is given: min(256, n // 2), at least 1.
+
+    256 is the `scale` suite's m (V costs 2 KiB per point, the build n m^2 / 2 multiply-adds).
+    Below 512 points, half of them: with every point an inducing point (m = n) the residual
+    variances are all ~ jitter and the residual correlations rounding noise; with m <= n / 2 at
+    least half of the points keep a residual the inducing points do not explain.
+    """
+    return max(1, min(DEFAULT_MAX_INDUCING, n // 2))
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -43,39 +56,72 @@ class ResidualProblem:
         InvalidArgumentError is raised.
     kernel : Kernel
         ``RBF``, ``Matern12``, ``Matern32`` or ``Matern52``.
-    inducing : int or array (m, d)
-        Number of inducing points chosen from the data by seeded kmeans++, or the points.
+    inducing : int, array (m, d) or None
+        Number of inducing points chosen from the data (``inducing_method``), or the points;
+        None: ``default_inducing(n)`` = min(256, n // 2) of them.
     seed : int
-        Seed of the kmeans++ selection.
+        Seed of the inducing-point selection.
     jitter : float
         Added to the diagonal of K(U, U) as ``jitter * variance`` before the Cholesky.
     p_floor : float
         Residual variances are floored at ``p_floor * variance``.
+    inducing_method : str
+        How a count of inducing points is chosen (inducing.py); ignored for given points.
+        ``"kmeans++"`` (the default): seeded kmeans++ picks m data points, which then have
+        p ~ jitter * variance (brute force and the tree set those few points apart).
+        ``"kmeans"``: kmeans++ seeding then Lloyd iterations, as GPBoost chooses them by default:
+        the centroids cover the data more evenly (a smaller residual variance on average for
+        the same m), but are not data points, so no point has p ~ jitter; it costs up to
+        KMEANS_MAX_ITER passes of n m d, and ``inducing_indices`` is None.
     """
 
-    def __init__(self, coords, kernel: Kernel, inducing=256, seed: int = 0,
-                 jitter: float = DEFAULT_JITTER, p_floor: float = DEFAULT_P_FLOOR):
+    def __init__(self, coords, kernel: Kernel, inducing=None, seed: int = 0,
+                 jitter: float = DEFAULT_JITTER, p_floor: float = DEFAULT_P_FLOOR,
+                 inducing_method: str = "kmeans++"):
         x = as_float_matrix(coords, "coords")
         self._init_geometry(x, kernel, jitter, p_floor)
         n = x.shape[0]
         self.seed = as_int(seed, "seed", low=0)
+        if inducing_method not in INDUCING_METHODS:
+            raise InvalidArgumentError(f"inducing_method must be one of {list(INDUCING_METHODS)}, "
+                                       f"got inducing_method={inducing_method!r}")
+        self.inducing_method = inducing_method
+        if inducing is None:
+            inducing = default_inducing(n)
         if isinstance(inducing, (float, np.floating, bool)):
             raise InvalidTypeError(f"inducing must be an int (a count) or an (m, d) array of points, "
                                    f"got inducing={inducing!r}")
+        self.inducing_indices = None
         if isinstance(inducing, (int, np.integer)):
             m = as_int(inducing, "inducing", low=1, high=n)
-            self.inducing_indices = _frozen(kmeanspp_indices(x, m, self.seed))
-            u = x[self.inducing_indices]
+            if inducing_method == "kmeans":
+                u = kmeans_centres(x, m, self.seed)  # means of data points: inside the checked bounds
+            else:
+                self.inducing_indices = _frozen(kmeanspp_indices(x, m, self.seed))
+                u = x[self.inducing_indices]
         else:
             u = as_float_matrix(inducing, "inducing", ncols=self.d)
-            self.inducing_indices = None
             self._check_inducing_spread(u)
         self._set_inducing(u)
-        v = np.empty((n, self.m))
-        for start in range(0, n, _ROW_CHUNK):
-            stop = min(start + _ROW_CHUNK, n)
-            v[start:stop] = self._solve_cross(x[start:stop])
-        self._set_factors(v, residual_variances(v, self.kernel.variance, self.p_floor * self.kernel.variance))
+        self._build_factors()
+
+    def with_kernel(self, kernel: Kernel) -> ResidualProblem:
+        """The same coordinates and inducing points (``inducing_indices`` kept) under new kernel
+        hyper-parameters: bitwise the problem ``ResidualProblem(coords, kernel, inducing=U)``
+        would build, without repeating what does not depend on the kernel (the coordinates'
+        conversion and bounds, the inducing-point selection). For an optimisation loop."""
+        if self.inducing is None:
+            raise InvalidArgumentError(
+                "with_kernel needs the inducing points: pass inducing=U to ResidualProblem.from_factors"
+            )
+        new = type(self).__new__(type(self))
+        new._init_geometry(self.coords, kernel, self.jitter, self.p_floor, bounds=self._bounds)
+        new.seed = self.seed
+        new.inducing_method = self.inducing_method
+        new.inducing_indices = self.inducing_indices
+        new._set_inducing(self.inducing)
+        new._build_factors()
+        return new
 
     @classmethod
     def from_factors(cls, coords, *, v, p, kernel: Kernel, inducing=None,
@@ -95,6 +141,7 @@ class ResidualProblem:
             )
         pp = as_float_vector(p, "p", length=x.shape[0], positive=True)
         self.seed = None
+        self.inducing_method = None
         self.inducing_indices = None
         if inducing is None:
             self.inducing = None
@@ -111,7 +158,9 @@ class ResidualProblem:
         return self
 
     # -- construction helpers -------------------------------------------------------
-    def _init_geometry(self, x, kernel, jitter, p_floor):
+    def _init_geometry(self, x, kernel, jitter, p_floor, bounds=None):
+        """``bounds``: the per-column (min, max) of another problem's points (with_kernel), checked
+        under this kernel's lengthscales instead of scanning x again."""
         self.kernel = make_kernel(kernel)
         self.coords = _frozen(x)
         self.n, self.d = x.shape
@@ -126,12 +175,13 @@ class ResidualProblem:
         # the kernel (docs in _validation.MAX_SCALED_SQ_DISTANCE). _bounds is the per-column
         # (min, max) of every point compared so far (coords, then the inducing points), kept so
         # that a query checks its spread without rescanning the n points.
+        named = [("coords", x)] if bounds is None else [("the problem's coords and inducing points", bounds)]
         self._bounds = tuple(_frozen(b) for b in check_scaled_spread(
-            [("coords", x)], self.lengthscales, lengthscale=self.kernel.lengthscale))
+            named, self.lengthscales, lengthscale=self.kernel.lengthscale))
 
     def _check_inducing_spread(self, u):
         """The spread check of coords together with given inducing points (kmeans++ picks data
-        points, which cannot widen the bounds)."""
+        points and kmeans their means, which cannot widen the bounds)."""
         self._bounds = tuple(_frozen(b) for b in check_scaled_spread(
             [("coords", self._bounds), ("inducing", u)], self.lengthscales, lengthscale=self.kernel.lengthscale))
 
@@ -155,15 +205,19 @@ class ResidualProblem:
         return self._chol
 
     def _solve_cross(self, x):
-        """(L^-1 K(U, x))^T for a block of coordinates: each row the same bits whatever the block,
-        its size or the thread count (_linalg.solve_lower_columns)."""
-        return solve_lower_columns(self._chol, self.kernel(self.inducing, x))
+        """(V, p, ||V_i||) of coordinates x, V = (L^-1 K(U, x))^T: each row the same bits whatever
+        the other rows, their number or the thread count (_linalg.cross_factors). The one path
+        of the problem's factors and those of new locations."""
+        return cross_factors(self._chol, self.inducing, x, self.kernel, self.p_floor)
 
-    def _set_factors(self, v, p):
+    def _build_factors(self):
+        self._set_factors(*self._solve_cross(self.coords))
+
+    def _set_factors(self, v, p, v_norms=None):
         self.v = _frozen(np.ascontiguousarray(v))
         self.p = _frozen(np.ascontiguousarray(p))
         self.m = self.v.shape[1]
-        self.v_norms = _frozen(row_norms(self.v))
+        self.v_norms = _frozen(row_norms(self.v) if v_norms is None else v_norms)
 
     # -- queries at new locations ---------------------------------------------------
     def factors_at(self, query_coords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,8 +229,7 @@ class ResidualProblem:
             )
         check_scaled_spread([("the problem's coords and inducing points", self._bounds), ("query_coords", xq)],
                             self.lengthscales, lengthscale=self.kernel.lengthscale)
-        vq = np.ascontiguousarray(self._solve_cross(xq))
-        pq = residual_variances(vq, self.kernel.variance, self.p_floor * self.kernel.variance)
+        vq, pq, _ = self._solve_cross(xq)
         return xq, vq, pq
 
     def __repr__(self) -> str:

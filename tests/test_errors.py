@@ -304,10 +304,13 @@ def test_residual_knn_bad_kernel_and_coords(coords):
         rg.residual_knn(bad, 3, kernel=rg.RBF(0.3), inducing=6)
 
 
-def test_residual_knn_default_inducing_larger_than_small_n(coords):
-    """The default inducing=256 cannot be used with 30 points; the error says so."""
+def test_residual_knn_inducing_larger_than_small_n(coords):
+    """An explicit inducing=256 cannot be used with 30 points; the error says so. The default
+    (min(256, n // 2)) works there (tests/test_build.py)."""
     with raises_typed(InvalidArgumentError, "inducing=256", f"[1, {N}]"):
-        rg.residual_knn(coords, 3, rg.RBF(0.3))
+        rg.residual_knn(coords, 3, rg.RBF(0.3), inducing=256)
+    idx, _ = rg.residual_knn(coords, 3, rg.RBF(0.3))
+    assert idx.shape == (N, 3)
 
 
 # --------------------------------------------------------------------------------------
