@@ -17,8 +17,10 @@ re-ranking are the float64 path's, so the answers are the same bits in either pr
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from .backends import Candidates, QueryBatch
+from .backends.cpu import _heap_push, _sift_down
 from .precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, query_margins, tiny_p_cut
 from .problem import ProblemView
 
@@ -109,15 +111,38 @@ class BruteSelect:
 
 
 def _merge(parts, keep: int):
-    """The ``keep`` largest kept values per row over the parts (global indices), kept ones first,
-    and the dropped maximum: every part's, and the largest value the merge left out."""
+    """The ``keep`` largest kept values per row over the parts (global indices) and the dropped
+    maximum: every part's, and whatever the merge leaves out."""
     idx = np.concatenate([np.where(c.index >= 0, part.ids[np.maximum(c.index, 0)], -1) for part, c in parts], axis=1)
-    val = np.concatenate([np.where(c.index >= 0, c.abs_rho, -1.0) for _, c in parts], axis=1)
+    val = np.concatenate([c.abs_rho for _, c in parts], axis=1)
     dropped = np.max(np.stack([c.a_dropped for _, c in parts]), axis=0)
-    order = np.argsort(-val, axis=1, kind="stable")
-    val = np.take_along_axis(val, order, axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    if val.shape[1] > keep:
-        left = val[:, keep]
-        dropped = np.maximum(dropped, np.where(idx[:, keep] >= 0, left, -1.0))
-    return idx[:, :keep], val[:, :keep], dropped
+    heap_a = np.full((idx.shape[0], keep), -1.0)
+    heap_i = np.full((idx.shape[0], keep), -1, dtype=np.int64)
+    _merge_rows(idx, val, heap_a, heap_i, dropped)
+    return heap_i, heap_a, dropped
+
+
+@njit(cache=True, fastmath=False)
+def _merge_rows(idx, val, heap_a, heap_i, dropped):
+    """Per row, every kept candidate (idx >= 0) into a bounded min-heap of the largest values, as
+    the backends' select folds them: whatever leaves the heap or never enters raises dropped."""
+    keep = heap_a.shape[1]
+    for r in range(idx.shape[0]):
+        size = 0
+        top_dropped = dropped[r]
+        for c in range(idx.shape[1]):
+            j = idx[r, c]
+            if j < 0:
+                continue
+            a = val[r, c]
+            if size < keep:
+                _heap_push(heap_a[r], heap_i[r], size, a, j)
+                size += 1
+            elif a > heap_a[r, 0]:
+                top_dropped = max(top_dropped, heap_a[r, 0])
+                heap_a[r, 0] = a
+                heap_i[r, 0] = j
+                _sift_down(heap_a[r], heap_i[r], size)
+            elif a > top_dropped:
+                top_dropped = a
+        dropped[r] = top_dropped
