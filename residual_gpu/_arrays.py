@@ -36,7 +36,9 @@ def to_host(value) -> tuple[object, bool]:
     numpy arrays, scalars, lists and other non-array objects come back unchanged, so that the
     callers' own checks see and describe them.
     """
-    if isinstance(value, np.ndarray) or not aac.is_array_api_obj(value):
+    # scalars and lists never reach array-api-compat's probe, which looks CuPy and torch up in sys.modules
+    foreign = hasattr(value, "__array_namespace__") or hasattr(value, "__dlpack__")
+    if isinstance(value, np.ndarray) or not foreign or not aac.is_array_api_obj(value):
         return value, False
     if aac.is_torch_array(value):
         value = value.detach()  # a tensor that requires grad refuses numpy(); we only read it

@@ -5,8 +5,8 @@ is not the CPU (the tree's leaf blocks run on the host), when n < AUTO_MIN_N, wh
 is below AUTO_PRECHECK_P of the variance and a tree over AUTO_PRECHECK_N sampled points spends
 at least AUTO_VACUOUS_SHARE of brute force's work (the bounds are vacuous, as on `gold`), or
 when the full tree, tried on AUTO_SAMPLE dataset queries (plain mode, k = AUTO_K), would spend
-at least AUTO_MAX_SHARE of brute force's work (distance evaluations plus bound dot products,
-per candidate); the tree otherwise. The estimate (and the tree's build) is paid only once a
+at least AUTO_MAX_SHARE (of the index's precision) of brute force's work (distance evaluations
+plus bound dot products, per candidate); the tree otherwise. The estimate (and the tree's build) is paid only once a
 query is large enough to repay it: a query with fewer than AUTO_ESTIMATE_RATIO x
 AUTO_BUILD_PAIRS x n admissible (query, candidate) pairs runs brute force and leaves the method
 undecided; the first larger query, or reading ``index.method`` (which assumes all points),
@@ -52,8 +52,11 @@ AUTO_MIN_N = 4096
 AUTO_SAMPLE = 256
 AUTO_TILES = 2
 AUTO_K = 30
-#: ``method="auto"`` picks the tree only if its estimated work share is below this
-AUTO_MAX_SHARE = 0.35
+#: ``method="auto"`` picks the tree only if its estimated work share is below this, per fast-pass
+#: precision: float32 speeds brute force up more than the tree (1.41x against 1.2x on vif 32768),
+#: so the tree must prune more to win (vif, docs/tree.md section 6: float32 at share 0.31 the tree
+#: is 1.18x slower, at 0.18 1.57x faster; float64 at 0.31 it is 1.06x faster)
+AUTO_MAX_SHARE = {"float64": 0.35, "float32": 0.25}
 #: the tree's build costs about as much as brute force over this many (query, candidate) pairs
 #: per point (vif, n = 32768 and 131072, m = 512, float64 and float32: 800-1100, docs/tree.md
 #: section 6), so an estimate that ends in brute force wastes about that much
@@ -284,10 +287,11 @@ class ResidualIndex:
         share = _estimate_share(self._searcher, prob, self._brute_select, self.auto_estimate)
         self.build_seconds_by_phase["auto_estimate"] = (self.build_seconds_by_phase.get("auto_estimate", 0.0)
                                                         + time.perf_counter() - t1)
-        if share < AUTO_MAX_SHARE:
-            self.auto_reason = f"estimated tree work share {share:.3f} < {AUTO_MAX_SHARE}: tree"
+        most = AUTO_MAX_SHARE[self.precision]
+        if share < most:
+            self.auto_reason = f"estimated tree work share {share:.3f} < {most} ({self.precision}): tree"
             return "tree"
-        self.auto_reason = f"estimated tree work share {share:.3f} >= {AUTO_MAX_SHARE}: brute force"
+        self.auto_reason = f"estimated tree work share {share:.3f} >= {most} ({self.precision}): brute force"
         self.tree = None
         self._searcher = None
         for phase in ("tree_split", "tree_summaries", "tree_layout"):

@@ -14,6 +14,7 @@ import numpy as np
 from ._linalg import cholesky_lower, cross_factors
 from ._numba_math import row_norms
 from ._validation import as_float_matrix, as_float_vector, as_int, check_scaled_spread
+from .backends import get_backend
 from .errors import InvalidArgumentError, InvalidTypeError
 from .inducing import kmeans_centres, kmeanspp_indices
 from .kernels import Kernel, make_kernel
@@ -65,6 +66,10 @@ class ResidualProblem:
         Added to the diagonal of K(U, U) as ``jitter * variance`` before the Cholesky.
     p_floor : float
         Residual variances are floored at ``p_floor * variance``.
+    backend : str or None
+        Where V, p and the norms are built: None (default) or "cpu" on the host (Numba), "cuda"
+        on the GPU (kernels/residual_factors.cu), "jax" on the host; any of them the same bits
+        (docs/precision.md, "The problem's factors"). Queries at new locations use it too.
     inducing_method : str
         How a count of inducing points is chosen (inducing.py); ignored for given points.
         ``"kmeans++"`` (the default): seeded kmeans++ picks m data points, which then have
@@ -77,9 +82,10 @@ class ResidualProblem:
 
     def __init__(self, coords, kernel: Kernel, inducing=None, seed: int = 0,
                  jitter: float = DEFAULT_JITTER, p_floor: float = DEFAULT_P_FLOOR,
-                 inducing_method: str = "kmeans++"):
+                 inducing_method: str = "kmeans++", backend: str | None = None):
         x = as_float_matrix(coords, "coords")
         self._init_geometry(x, kernel, jitter, p_floor)
+        self._factor_backend = get_backend(backend) if backend is not None else None
         n = x.shape[0]
         self.seed = as_int(seed, "seed", low=0)
         if inducing_method not in INDUCING_METHODS:
@@ -119,6 +125,7 @@ class ResidualProblem:
         new.seed = self.seed
         new.inducing_method = self.inducing_method
         new.inducing_indices = self.inducing_indices
+        new._factor_backend = self._factor_backend
         new._set_inducing(self.inducing)
         new._build_factors()
         return new
@@ -132,6 +139,7 @@ class ResidualProblem:
         p must be > 0; it is used as given (no floor is applied to user factors).
         """
         self = cls.__new__(cls)
+        self._factor_backend = None
         x = as_float_matrix(coords, "coords")
         self._init_geometry(x, kernel, jitter, p_floor)
         vv = as_float_matrix(v, "v")
@@ -208,7 +216,9 @@ class ResidualProblem:
         """(V, p, ||V_i||) of coordinates x, V = (L^-1 K(U, x))^T: each row the same bits whatever
         the other rows, their number or the thread count (_linalg.cross_factors). The one path
         of the problem's factors and those of new locations."""
-        return cross_factors(self._chol, self.inducing, x, self.kernel, self.p_floor)
+        if self._factor_backend is None:  # the host
+            return cross_factors(self._chol, self.inducing, x, self.kernel, self.p_floor)
+        return self._factor_backend.cross_factors(self._chol, self.inducing, x, self.kernel, self.p_floor)
 
     def _build_factors(self):
         self._set_factors(*self._solve_cross(self.coords))

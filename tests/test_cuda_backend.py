@@ -200,11 +200,53 @@ def _nvrtc_library():
     return None
 
 
+def check_nvrtc(lib, name, options, entries):
+    """Compile kernels/<name> with NVRTC (compute_80) and check its PTX has ``entries`` and its log no warning."""
+    prog = ctypes.c_void_p()
+    src = cuda_backend.kernel_source(name).encode()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None) == 0
+    opts = [o.encode() for o in options] + [b"--gpu-architecture=compute_80"]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, log.value.decode()
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    for entry in entries:
+        assert f".entry {entry}(" in ptx.value.decode()
+    assert "warning" not in log.value.decode().lower(), log.value.decode()
+    if "--fmad=false" in options:
+        assert_only_two_prod_fmas(ptx.value.decode())
+
+
+def assert_only_two_prod_fmas(ptx: str):
+    """No contracted multiply-add in the PTX: every fma.rn.f64 is Dot2's TwoProduct of y with
+    itself, fma(y, y, -(y * y)) (unrolled copies included); a contraction of r2 += diff * diff,
+    acc - l * y or Horner's p * r + c would have another third operand."""
+    negated = {}
+    fmas = []
+    for line in ptx.splitlines():
+        op, _, args = line.strip().partition(" ")
+        regs = [a.strip(" \t;") for a in args.split(",")]
+        if op == "neg.f64":
+            negated[regs[0]] = regs[1]
+        elif op == "fma.rn.f64":
+            fmas.append(regs)
+    assert fmas, "Dot2's TwoProduct FMA is missing"
+    for dst, a, b, c in fmas:
+        assert a == b and c in negated, f"a contracted multiply-add: fma {a}, {b}, {c}"
+
+
 def test_kernels_compile_with_nvrtc():
     """The .cu source through NVRTC (the compiler cupy.RawModule uses); needs no GPU, only libnvrtc."""
     lib = _nvrtc_library()
     if lib is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12 to run this check without CuPy)")
+    check_nvrtc(lib, cuda_backend.FACTORS_FILE, list(cuda_backend.FACTORS_OPTIONS), ["residual_cross_factors"])
     src = cuda_backend.kernel_source().encode()
     for block in (cuda_backend.SELECT_BLOCK, 32):
         prog = ctypes.c_void_p()
@@ -239,7 +281,7 @@ _EMULATION_HEADER = r"""
 #include <thread>
 #include <utility>
 #include <vector>
-using std::exp; using std::fabs; using std::sqrt;
+using std::exp; using std::fabs; using std::ldexp; using std::sqrt;
 
 struct rg_dim3 { unsigned x, y, z; };
 static thread_local rg_dim3 threadIdx;
@@ -258,6 +300,7 @@ static inline int atomicAdd(int* address, int value) { return __atomic_fetch_add
 #define RG_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(rg_dynamic_shared)
 #define RG_HOST_EMULATION 1
 #include "residual_select.cu"
+#include "residual_factors.cu"
 
 template <typename T> struct rg_code;
 template <> struct rg_code<int> { static constexpr char c = 'i'; };
@@ -312,6 +355,7 @@ extern "C" const char* rg_emu_signature(const char* name) {
     else if (n == "residual_select_tile_f32") rg_sig_buffer = rg_signature(residual_select_tile_f32);
     else if (n == "residual_abs_rho_dense") rg_sig_buffer = rg_signature(residual_abs_rho_dense);
     else if (n == "residual_abs_rho_dense_f32") rg_sig_buffer = rg_signature(residual_abs_rho_dense_f32);
+    else if (n == "residual_cross_factors") rg_sig_buffer = rg_signature(residual_cross_factors);
     else return nullptr;
     return rg_sig_buffer.c_str();
 }
@@ -322,6 +366,7 @@ extern "C" int rg_emu_launch(const char* name, unsigned grid, unsigned block, st
     else if (n == "residual_select_tile_f32") rg_launch(residual_select_tile_f32, grid, block, shared, args);
     else if (n == "residual_abs_rho_dense") rg_launch(residual_abs_rho_dense, grid, block, shared, args);
     else if (n == "residual_abs_rho_dense_f32") rg_launch(residual_abs_rho_dense_f32, grid, block, shared, args);
+    else if (n == "residual_cross_factors") rg_launch(residual_cross_factors, grid, block, shared, args);
     else return 1;
     return 0;
 }
@@ -392,7 +437,8 @@ def emulation_library(tmp_path_factory):
     def build(block):
         if block not in built:
             out = folder / f"residual_select_{block}.so"
-            cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
+            # -ffp-contract=off: as NVRTC's --fmad=false for residual_factors.cu (no FMA contraction)
+            cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
                    "-Wno-unused-function", f"-DRG_SELECT_BLOCK={block}", f"-I{ROOT / 'kernels'}",
                    str(folder / "emulation.cpp"), "-o", str(out)]
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -539,6 +585,48 @@ def test_emulated_float32_equals_float64(emulated, case):
     assert_float32_equals_float64(problem, 9, "cuda", query_coords=np.random.default_rng(2).random((7, d)))
 
 
+FACTOR_CASES = [(1, rg.RBF, 0.3, 7), (2, rg.Matern12, 0.2, 16), (3, rg.Matern32, np.array([0.2, 0.3, 0.5]), 13),
+                (3, rg.Matern52, 0.25, 24)]
+
+
+def assert_factors_bitwise(x, kernel, u):
+    """ResidualProblem built by the CUDA backend == the host build, bit for bit: V, p, the norms,
+    and the factors of new locations (a data point among them gets its row back)."""
+    host = rg.ResidualProblem(x, kernel=kernel, inducing=u)
+    dev = rg.ResidualProblem(x, kernel=kernel, inducing=u, backend="cuda")
+    for name in ("v", "p", "v_norms"):
+        assert np.array_equal(getattr(dev, name), getattr(host, name)), name
+    xnew = np.concatenate([np.random.default_rng(5).random((9, x.shape[1])), x[:2]])
+    for a, b in zip(dev.factors_at(xnew), host.factors_at(xnew), strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(dev.factors_at(xnew)[1][-2:], host.v[:2])
+    return dev
+
+
+@pytest.mark.parametrize("d,kernel_cls,ls,m", FACTOR_CASES, ids=[c[1].__name__ for c in FACTOR_CASES])
+def test_emulated_factors_are_the_host_bits(emulated, monkeypatch, d, kernel_cls, ls, m):
+    """kernels/residual_factors.cu (no FMA contraction) against _linalg.cross_factors: the same
+    bits, over several chunks (a small TILE_ELEMENTS) and inducing points among the data (p ~ jitter)."""
+    monkeypatch.setattr(cuda_backend, "TILE_ELEMENTS", 40 * m)
+    x = np.random.default_rng(d).random((101, d))
+    u = np.concatenate([x[:3], np.random.default_rng(7).random((m - 3, d))])
+    dev = assert_factors_bitwise(x, kernel_cls(lengthscale=ls, variance=1.7), u)
+    assert dev.p[:3].max() < 1e-5 * 1.7  # the inducing points among the data: p ~ jitter
+    assert {name for name, *_ in emulated.launches} == {"residual_cross_factors"}
+    assert len(emulated.launches) > 3
+
+
+def test_emulated_factors_through_with_kernel_and_the_index(emulated):
+    x = np.random.default_rng(3).random((150, 2))
+    dev = rg.ResidualProblem(x, kernel=rg.Matern32(lengthscale=0.2), inducing=12, backend="cuda")
+    host = rg.ResidualProblem(x, kernel=rg.Matern32(lengthscale=0.2), inducing=12)
+    again, again_host = dev.with_kernel(rg.RBF(lengthscale=0.3)), host.with_kernel(rg.RBF(lengthscale=0.3))
+    assert np.array_equal(again.v, again_host.v) and np.array_equal(again.p, again_host.p)
+    a = rg.ResidualIndex(again, backend="cpu").query(5, predecessor=True)
+    b = rg.ResidualIndex(again_host, backend="cpu").query(5, predecessor=True)
+    assert np.array_equal(a.indices, b.indices) and np.array_equal(a.distances, b.distances)
+
+
 def _gpu_problem():
     """20000 points (several candidate tiles per query tile with the default sizes), 300 queries."""
     x = np.random.default_rng(3).random((20000, 3))
@@ -645,6 +733,13 @@ def test_gpu_larger_problem(cuda_device):
 @pytest.mark.parametrize("predecessor", [False, True], ids=["plain", "pred"])
 def test_gpu_select_candidates_matches_cpu(cuda_device, predecessor):
     assert_select_matches_cpu(make_problem(8, 150, 3, rg.Matern52(lengthscale=0.3), 20), "cuda", predecessor)
+
+
+@pytest.mark.gpu
+def test_gpu_factors_are_the_host_bits(cuda_device):
+    x = np.random.default_rng(8).random((20000, 3))
+    for kernel_cls in (rg.RBF, rg.Matern12, rg.Matern32, rg.Matern52):
+        assert_factors_bitwise(x, kernel_cls(lengthscale=0.1, variance=1.3), x[:64])
 
 
 @pytest.mark.gpu

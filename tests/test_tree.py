@@ -475,7 +475,7 @@ def test_auto_picks_brute_force_when_bounds_are_vacuous():
     assert index.method == "brute" and index.tree is None
     est = index.auto_estimate
     assert "brute" in index.auto_reason
-    assert est["precheck_work_share"] >= 0.9 or est["work_share"] >= 0.35
+    assert est["precheck_work_share"] >= 0.9 or est["work_share"] >= rg.index.AUTO_MAX_SHARE[index.precision]
 
 
 def test_auto_picks_the_tree_where_it_prunes():

@@ -92,5 +92,14 @@ class Backend(ABC):
     def select_candidates(self, prepared, batch: QueryBatch, keep: int) -> Candidates:
         """Stream all candidates j < max(limit) and keep the ``keep`` largest per query."""
 
+    def cross_factors(self, chol, inducing, coords, kernel, p_floor):
+        """(V, p, ||V_i||) of coordinates (q, d) for the Cholesky factor ``chol`` of K(U, U) +
+        jitter I, as numpy arrays: ``_linalg.cross_factors`` on the host unless the backend builds
+        them on its device, where they must be the same bits (the problem's factors do not depend
+        on where they were built)."""
+        from .._linalg import cross_factors
+
+        return cross_factors(chol, inducing, coords, kernel, p_floor)
+
     def describe(self) -> str:
         return self.name

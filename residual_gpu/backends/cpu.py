@@ -195,14 +195,14 @@ def _block_maxima(vals, width, out):
             for t in range(8, FOLD_BLOCK, 8):
                 for j in range(8):
                     v = vals[s + t + j]
-                    lanes[j] = v if v > lanes[j] else lanes[j]
+                    lanes[j] = max(lanes[j], v)
             top = lanes[0]
             for j in range(1, 8):
-                top = lanes[j] if lanes[j] > top else top
+                top = max(top, lanes[j])
         else:  # the row's last, partial block
             top = vals[s]
             for b in range(s + 1, width):
-                top = vals[b] if vals[b] > top else top
+                top = max(top, vals[b])
         out[blk] = top
     return nb
 

@@ -49,6 +49,15 @@ DENSE_BLOCK = 256
 SHARED_HEAP_MAX_KEEP = 2048
 
 KERNEL_FILE = "residual_select.cu"
+#: The problem's factors V, p, ||V_i|| (CudaBackend.cross_factors), compiled without FMA contraction.
+FACTORS_FILE = "residual_factors.cu"
+FACTORS_OPTIONS = ("--fmad=false",)
+#: Threads per block of the factors kernel.
+FACTORS_BLOCK = 128
+#: which source file defines each kernel
+KERNEL_FILES = {"residual_select_tile": KERNEL_FILE, "residual_select_tile_f32": KERNEL_FILE,
+                "residual_abs_rho_dense": KERNEL_FILE, "residual_abs_rho_dense_f32": KERNEL_FILE,
+                "residual_cross_factors": FACTORS_FILE}
 #: Where an installed wheel keeps the kernels (relative to the installation's data prefix).
 DATA_SUBDIR = Path("share") / "residual_gpu" / "kernels"
 
@@ -105,11 +114,12 @@ class _CupyRuntime:
         self._modules = {}
 
     def _function(self, name: str):
-        block = SELECT_BLOCK
-        module = self._modules.get(block)
+        source = KERNEL_FILES[name]
+        options = (f"-DRG_SELECT_BLOCK={SELECT_BLOCK}",) if source == KERNEL_FILE else FACTORS_OPTIONS
+        module = self._modules.get((source, options))
         if module is None:
-            module = self.xp.RawModule(code=kernel_source(), options=(f"-DRG_SELECT_BLOCK={block}",))
-            self._modules[block] = module
+            module = self.xp.RawModule(code=kernel_source(source), options=options)
+            self._modules[(source, options)] = module
         return module.get_function(name)
 
     def launch(self, name: str, grid: int, block: int, args: tuple, shared_mem: int = 0) -> None:
@@ -150,6 +160,14 @@ def candidate_tile_width(rows: int) -> int:
     width = TILE_ELEMENTS // max(rows, 1)
     width = max(SELECT_BLOCK, min(MAX_CANDIDATE_TILE, width))
     return width // SELECT_BLOCK * SELECT_BLOCK
+
+
+def factor_constants() -> np.ndarray:
+    """The constants residual_factors.cu reads (its RG_C_* slots), from _numba_math itself."""
+    from .. import _numba_math as nm
+
+    return np.array([nm._LOG2E, nm._ROUND_SHIFT, nm._LN2_HI, nm._LN2_LO, nm._EXP_MIN, nm._EXP_MAX,
+                     nm._SQRT3, nm._SQRT5, *nm._EXP_COEF], dtype=np.float64)
 
 
 def kernel_name(base: str, g_dtype) -> str:
@@ -204,6 +222,32 @@ class CudaBackend(Backend):
         return (xp.asarray(np.ascontiguousarray(batch.coords, dtype=np.float64)),
                 xp.asarray(np.ascontiguousarray(batch.v, dtype=v_dtype)),
                 xp.asarray(1.0 / np.sqrt(batch.p)))
+
+    def cross_factors(self, chol, inducing, coords, kernel, p_floor):
+        """(V, p, ||V_i||) built on the device by kernels/residual_factors.cu: bitwise the host's
+        (_linalg.cross_factors), in chunks whose (m, chunk) scratch fits TILE_ELEMENTS."""
+        rt = _runtime()
+        xp = rt.xp
+        coords = np.ascontiguousarray(coords, dtype=np.float64)
+        q, d = coords.shape
+        m = inducing.shape[0]
+        chol_d = xp.asarray(np.ascontiguousarray(chol, dtype=np.float64))
+        u_d = xp.asarray(np.ascontiguousarray(inducing, dtype=np.float64))
+        scale = xp.asarray(np.ascontiguousarray(kernel.lengthscales(d), dtype=np.float64))
+        consts = xp.asarray(factor_constants())
+        v, p, norms = np.empty((q, m)), np.empty(q), np.empty(q)
+        chunk = max(1, min(q, TILE_ELEMENTS // max(m, 1)))
+        yt = xp.empty((m, chunk))
+        for q0 in range(0, q, chunk):
+            q1 = min(q0 + chunk, q)
+            rows = q1 - q0
+            vd, pd, nd = xp.empty((rows, m)), xp.empty(rows), xp.empty(rows)
+            rt.launch("residual_cross_factors", min(math.ceil(rows / FACTORS_BLOCK), 1 << 16), FACTORS_BLOCK, (
+                chol_d, np.int32(m), u_d, np.int32(d), xp.asarray(coords[q0:q1]), np.int64(rows), scale, consts,
+                np.int32(kernel.kernel_id), np.float64(kernel.variance), np.float64(p_floor * kernel.variance),
+                yt if rows == chunk else xp.empty((m, rows)), vd, pd, nd))
+            v[q0:q1], p[q0:q1], norms[q0:q1] = rt.asnumpy(vd), rt.asnumpy(pd), rt.asnumpy(nd)
+        return v, p, norms
 
     def abs_rho_tile(self, prepared, batch: QueryBatch, cols: np.ndarray) -> np.ndarray:
         cols = np.asarray(cols, dtype=np.int64)
