@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from .backends import Candidates, QueryBatch
-from .backends.cpu import _heap_push, _sift_down
+from .backends.cpu import heap_offer
 from .precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, query_margins, tiny_p_cut
 from .problem import ProblemView
 
@@ -131,18 +131,6 @@ def _merge_rows(idx, val, heap_a, heap_i, dropped):
         size = 0
         top_dropped = dropped[r]
         for c in range(idx.shape[1]):
-            j = idx[r, c]
-            if j < 0:
-                continue
-            a = val[r, c]
-            if size < keep:
-                _heap_push(heap_a[r], heap_i[r], size, a, j)
-                size += 1
-            elif a > heap_a[r, 0]:
-                top_dropped = max(top_dropped, heap_a[r, 0])
-                heap_a[r, 0] = a
-                heap_i[r, 0] = j
-                _sift_down(heap_a[r], heap_i[r], size)
-            elif a > top_dropped:
-                top_dropped = a
+            if idx[r, c] >= 0:
+                size, top_dropped = heap_offer(heap_a[r], heap_i[r], size, keep, top_dropped, val[r, c], idx[r, c])
         dropped[r] = top_dropped

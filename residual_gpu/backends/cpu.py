@@ -164,6 +164,24 @@ def _sift_down(ha, hi, size):
 
 
 @njit(inline="always", cache=True)
+def heap_offer(ha, hi, size, keep, dropped, a, j):
+    """Offer (a, j) to the bounded min-heap of the ``keep`` largest a (``size`` entries so far):
+    pushed while there is room, else it replaces the minimum if larger; whatever leaves the heap
+    or never enters raises ``dropped``. Returns (size, dropped)."""
+    if size < keep:
+        _heap_push(ha, hi, size, a, j)
+        return size + 1, dropped
+    if a > ha[0]:
+        dropped = max(dropped, ha[0])
+        ha[0] = a
+        hi[0] = j
+        _sift_down(ha, hi, size)
+    elif a > dropped:
+        dropped = a
+    return size, dropped
+
+
+@njit(inline="always", cache=True)
 def _heap_push(ha, hi, size, a, j):
     """Add (a, j) to the min-heap of ``size`` entries (hi may be None, as in _sift_down)."""
     pos = size
@@ -267,30 +285,12 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
                             dropped = max(dropped, block_max[blk])
                             continue
                         for b in range(blk * FOLD_BLOCK, min(blk * FOLD_BLOCK + FOLD_BLOCK, width)):
-                            a = vals[b]
-                            if a > ha[0]:
-                                dropped = max(dropped, ha[0])
-                                ha[0] = a
-                                hi[0] = c0 + b
-                                _sift_down(ha, hi, size)
-                            elif a > dropped:
-                                dropped = a
+                            size, dropped = heap_offer(ha, hi, size, keep, dropped, vals[b], c0 + b)
                     a_dropped[r] = dropped
                     continue
                 for b in range(width):
-                    if b == skip:
-                        continue
-                    a = vals[b]
-                    if size < keep:
-                        _heap_push(ha, hi, size, a, c0 + b)
-                        size += 1
-                    elif a > ha[0]:
-                        dropped = max(dropped, ha[0])
-                        ha[0] = a
-                        hi[0] = c0 + b
-                        _sift_down(ha, hi, size)
-                    elif a > dropped:
-                        dropped = a
+                    if b != skip:
+                        size, dropped = heap_offer(ha, hi, size, keep, dropped, vals[b], c0 + b)
                 count[r] = size
                 a_dropped[r] = dropped
 
