@@ -172,6 +172,7 @@ class ResidualIndex:
         if self._options["sequential"] and precision != "float64":
             raise InvalidArgumentError(f"preset={preset!r} evaluates float64 values only, got precision={precision!r}")
         self.problem = problem
+        self._requested = {"precision": precision, "backend": backend}
         if precision == "auto":
             precision, self.precision_reason = choose_precision(problem.v_norms, problem.p, problem.m, problem.d,
                                                                 problem.kernel.variance)
@@ -198,6 +199,21 @@ class ResidualIndex:
                 problem, self.leaf_size, progress=progress, sequential=self._options["sequential"]))
         else:
             self._method = self._choose_without_estimate()
+
+    def with_kernel(self, kernel: Kernel) -> ResidualIndex:
+        """The index of ``problem.with_kernel(kernel)`` (new hyper-parameters, the same points and
+        inducing points), for an optimisation loop: the same method once decided, backend,
+        sizes and requested precision, and the tree's kd layout reused where the new problem
+        keeps the same dense set (tree.build_tree's ``layout``). The answers are those of a
+        fresh index over the new problem."""
+        problem = self.problem.with_kernel(kernel)
+        method = "auto" if self._method is None else self._method
+        tree = None
+        if method == "tree":
+            tree = build_tree(problem, self.leaf_size, sequential=self._options["sequential"], layout=self.tree)
+        return ResidualIndex(problem, backend=self._requested["backend"], method=method, leaf_size=self.leaf_size,
+                             tile_size=self.tile_size, preset=self.preset, precision=self._requested["precision"],
+                             _tree=tree)
 
     @property
     def method(self) -> str:

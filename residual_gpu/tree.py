@@ -441,12 +441,22 @@ def transform_of(problem) -> np.ndarray:
     return np.ascontiguousarray(chol)
 
 
+#: the forest's layout: what build_forest returns, which depends on the coordinates, the points
+#: kept out of the kd-trees (the dense set), the leaf size and the lengthscales' split choices
+LAYOUT_FIELDS = ("perm", "node_start", "node_end", "node_left", "node_right", "node_lo", "node_hi", "node_min",
+                 "roots", "root_lo")
+
+
 def build_tree(problem, leaf_size: int = DEFAULT_LEAF_SIZE, dense_ratio: float = DENSE_RATIO,
-               progress: bool | None = None, sequential: bool = False) -> SearchTree:
+               progress: bool | None = None, sequential: bool = False, layout: SearchTree | None = None) -> SearchTree:
     """The residual-metric forest of a ResidualProblem (see the module docstring).
 
     sequential: compute the summaries with fixed-order loops instead of BLAS (the parity
     preset: the Rust oracle then builds the same arrays bit for bit; slower).
+    layout: a tree over the same coordinates (another kernel's) whose kd split is reused when
+    its dense set and leaf size are this tree's: node boxes are raw coordinates, so any split is
+    a valid one and only the summaries depend on the kernel; the answers stay exact either way,
+    and a fresh split may differ only where the lengthscales change the widest scaled axis.
     """
     leaf_size = int(leaf_size)
     if leaf_size < 1:
@@ -462,7 +472,11 @@ def build_tree(problem, leaf_size: int = DEFAULT_LEAF_SIZE, dense_ratio: float =
     disable = True if progress is False else (None if progress is None else False)
     with tqdm(total=tree_points.size * 2, unit="pt", desc="residual tree build", disable=disable, delay=1.0,
               leave=False) as bar:
-        arrays = build_forest(problem.coords, inv_scale, tree_points, block_bounds(n, leaf_size), leaf_size)
+        if (layout is not None and layout.n == n and layout.leaf_size == leaf_size
+                and np.array_equal(layout.dense, dense)):
+            arrays = {name: getattr(layout, name) for name in LAYOUT_FIELDS}
+        else:
+            arrays = build_forest(problem.coords, inv_scale, tree_points, block_bounds(n, leaf_size), leaf_size)
         bar.update(tree_points.size)
         t1 = time.perf_counter()
         transform = transform_of(problem)

@@ -532,3 +532,29 @@ def test_auto_small_problems_use_brute_force_and_bad_methods_are_rejected():
         rg.ResidualIndex(problem, method="kdtree")
     with pytest.raises(rg.InvalidArgumentError):
         rg.ResidualIndex(problem, method="tree", leaf_size=0)
+
+
+def test_index_with_kernel_reuses_the_tree_layout_and_answers_as_a_fresh_index():
+    """index.with_kernel: the old tree's kd layout where the dense set is unchanged (a new
+    variance scales every p alike), a fresh split where it moved (new lengthscales move p near
+    the inducing points across the cut), and in both cases a fresh index's answers."""
+    from residual_gpu.tree import LAYOUT_FIELDS
+
+    x = np.random.default_rng(4).random((3000, 2))
+    problem = rg.ResidualProblem(x, kernel=rg.Matern32(lengthscale=0.05), inducing=64, seed=1)
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=16)
+    xnew = np.random.default_rng(5).random((40, 2))
+    for kernel, reused in ((rg.Matern32(lengthscale=0.05, variance=2.5), True),
+                           (rg.Matern32(lengthscale=np.array([0.06, 0.08])), False)):
+        new = index.with_kernel(kernel)
+        fresh = rg.ResidualIndex(problem.with_kernel(kernel), backend="cpu", method="tree", leaf_size=16)
+        assert new.method == "tree" and new.leaf_size == 16
+        assert np.array_equal(new.tree.dense, index.tree.dense) == reused
+        assert all((getattr(new.tree, name) is getattr(index.tree, name)) == reused for name in LAYOUT_FIELDS)
+        assert not np.array_equal(new.tree.node_ymax, index.tree.node_ymax)  # the new kernel's summaries
+        for kind in ({"predecessor": True}, {"queries": np.arange(0, 3000, 37)}, {"query_coords": xnew}):
+            a, b = new.query(12, **kind), fresh.query(12, **kind)
+            assert np.array_equal(a.indices, b.indices) and np.array_equal(a.distances, b.distances)
+        same_as_brute(new.problem, new.query(12, predecessor=True), 12, predecessor=True)
+    brute = rg.ResidualIndex(problem, backend="cpu", method="brute").with_kernel(kernel)
+    assert brute.method == "brute" and brute.tree is None
