@@ -12,7 +12,10 @@ Steps (each printed with its command line):
 3. ``residual_gpu.bench.run_suite`` on the gold and vif suites with backend="cuda" and
    backend="cpu", brute force with the fast pass in float64 and in float32 (``--precisions``),
    printed as tables, and the achieved rate of each cuda brute-force row (2 * evaluations * m /
-   seconds) as a fraction of the device GEMM rate of its own precision.
+   seconds) as a fraction of the device GEMM rate of its own precision;
+4. the problem build (V, p, norms) of the vif suite on the device (``ResidualProblem(...,
+   backend="cuda")``, kernels/residual_factors.cu) against the host build: seconds, and whether
+   the arrays are the same bits (they must be).
 
 Exit status: 1 if the GPU tests fail or the cuda backend is unavailable, else 0.
 """
@@ -53,6 +56,25 @@ def device_gemm_gflops(q: int = 1024, m: int = 512, n: int = 32768, repeats: int
         times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
     seconds = sorted(times)[len(times) // 2]
     return seconds, 2.0 * q * m * n / seconds / 1e9
+
+
+def device_build(n: int | None) -> dict:
+    """Seconds of the vif problem's factors built on the host and on the device (given inducing
+    points, after one warm-up build each), and whether the two are the same bits."""
+    import residual_gpu as rg
+    from residual_gpu import suites
+
+    case = suites.vif(n)
+    inducing = rg.ResidualProblem(case.coords[:4096], kernel=case.kernel, inducing=min(512, case.n)).inducing
+    out, problems = {"n": case.n, "m": inducing.shape[0]}, {}
+    for name, backend in (("host", None), ("device", "cuda")):
+        rg.ResidualProblem(case.coords[:1024], kernel=case.kernel, inducing=inducing, backend=backend)  # warm-up
+        t0 = time.perf_counter()
+        problems[name] = rg.ResidualProblem(case.coords, kernel=case.kernel, inducing=inducing, backend=backend)
+        out[f"{name}_s"] = time.perf_counter() - t0
+    out["bitwise"] = all(bool((getattr(problems["host"], a) == getattr(problems["device"], a)).all())
+                         for a in ("v", "p", "v_norms"))
+    return out
 
 
 def device_name() -> str:
@@ -129,6 +151,12 @@ def main(argv=None) -> int:
                           f"{row['gflops']:.0f} GFLOP/s achieved = {row['gflops'] / rate:.1%} of the device's "
                           f"{row['precision']} GEMM rate ({row['query_seconds'] * 1e3:.1f} ms for {row['queries']} "
                           f"queries)")
+    build = device_build(args.n)
+    results["build"] = build
+    print(f"\nvif problem build (n={build['n']}, m={build['m']}, given inducing points): host {build['host_s']:.3f} s, "
+          f"device {build['device_s']:.3f} s; V, p and norms bitwise equal: {build['bitwise']}")
+    if not build["bitwise"]:
+        status = 1
     # side-by-side summary: query seconds per suite and mode, cuda vs cpu
     print("\nsummary (median query seconds)")
     print("suite | precision | predecessor | cuda_s | cpu_s | cpu/cuda")
