@@ -87,6 +87,31 @@ def test_tree_shards_and_one_call(client):
     assert np.array_equal(got[1], want[1])
 
 
+def test_dask_array_in_lazy_result_out_and_the_default_inducing_count(client):
+    """coords as a dask array, results as dask arrays (compute=False) in query order, and
+    inducing=None taking default_inducing(n) as the single process does: the same bits."""
+    da = pytest.importorskip("dask.array")
+    x = np.random.default_rng(6).random((1200, 2))
+    kern = rg.Matern32(lengthscale=0.1)
+    index = bounded(rgd.DistributedIndex, da.from_array(x, chunks=300), kern, 20, client=client, shards=3,
+                    backend="cpu", chunk_size=200)
+    single = rg.ResidualIndex(rg.ResidualProblem(x, kernel=kern, inducing=20), backend="cpu", method="brute")
+    queries = np.random.default_rng(7).integers(0, 1200, 333)
+    for kw in ({"predecessor": True}, {"queries": queries}):
+        lazy = bounded(index.query, 9, compute=False, **kw)
+        assert isinstance(lazy.indices, da.Array) and isinstance(lazy.distances, da.Array)
+        idx, dist = bounded(lambda lazy=lazy: client.gather(client.compute([lazy.indices, lazy.distances])))
+        want = single.query(9, **kw)
+        np.testing.assert_array_equal(idx, want.indices)
+        assert np.array_equal(dist, want.distances)
+    index.close()
+    small = x[:300]
+    got = bounded(rgd.residual_knn, small, 5, kern, client=client, shards=2, backend="cpu")
+    want = rg.residual_knn(small, 5, kern, backend="cpu", method="brute")
+    np.testing.assert_array_equal(got[0], want[0])
+    assert np.array_equal(got[1], want[1])
+
+
 def test_inducing_sample_is_kmeanspp_on_the_sample(client):
     x = np.random.default_rng(5).random((800, 2))
     kern = rg.RBF(lengthscale=0.2)

@@ -10,6 +10,7 @@ At most ``window`` chunks are in flight, so a worker holds the queries of a few 
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from ..errors import InvalidArgumentError, InvalidTypeError
 from ..hilbert import hilbert_order
 from ..inducing import kmeanspp_indices
 from ..kernels import Kernel, make_kernel
-from ..problem import DEFAULT_JITTER, DEFAULT_P_FLOOR, ResidualProblem
+from ..problem import DEFAULT_JITTER, DEFAULT_P_FLOOR, ResidualProblem, default_inducing
 from .shards import kd_shards, nearest_box
 from .tasks import build_shard, merge, search_home, search_other
 
@@ -81,8 +82,10 @@ def _client(client) -> Client:
 class DistributedIndex:
     """An exact residual-correlation index sharded over the workers of a dask Client.
 
-    ``coords``, ``kernel``, ``inducing`` (int: kmeans++ with ``seed``, as ResidualProblem; or an
-    (m, d) array), ``jitter`` and ``p_floor`` are those of ResidualProblem, and the answers are
+    ``coords`` (numpy, a dask array, or any array ResidualProblem takes; gathered on the client,
+    n x d only: V is never formed here), ``kernel``, ``inducing`` (int: kmeans++ with ``seed``, as
+    ResidualProblem; an (m, d) array; None: ``default_inducing(n)``), ``jitter`` and ``p_floor``
+    are those of ResidualProblem, and the answers are
     ResidualIndex's over that problem, bit for bit. ``inducing_sample``: with an int
     ``inducing``, run kmeans++ on a seeded sample of this many points (the points
     ``sorted(default_rng(seed).choice(n, inducing_sample, replace=False))``, the inducing points
@@ -91,7 +94,7 @@ class DistributedIndex:
     robin, one ResidualIndex each with ``backend``, ``method`` and ``precision``.
     """
 
-    def __init__(self, coords, kernel: Kernel, inducing=256, *, client=None, shards: int | None = None,
+    def __init__(self, coords, kernel: Kernel, inducing=None, *, client=None, shards: int | None = None,
                  seed: int = 0, inducing_sample: int | None = None, jitter: float = DEFAULT_JITTER,
                  p_floor: float = DEFAULT_P_FLOOR, backend: str = "auto", method: str = "auto",
                  precision: str | None = None, chunk_size: int = DEFAULT_CHUNK,
@@ -105,6 +108,8 @@ class DistributedIndex:
         seed = as_int(seed, "seed", low=0)
         self.chunk_size = as_int(chunk_size, "chunk_size", low=1)
         leaves = as_int(summary_leaves, "summary_leaves", low=1)
+        if inducing is None:
+            inducing = default_inducing(self.n)
         if isinstance(inducing, (float, np.floating, bool)):
             raise InvalidTypeError(f"inducing must be an int (a count) or an (m, d) array of points, "
                                    f"got inducing={inducing!r}")
@@ -162,11 +167,16 @@ class DistributedIndex:
         return self.client.gather([self.client.submit(lambda s: s.nbytes(), f, pure=False) for f in self._futures])
 
     def query(self, k: int, *, queries=None, query_coords=None, predecessor: bool = False,
-              window: int | None = None) -> DistributedResult:
+              window: int | None = None, compute: bool = True) -> DistributedResult:
         """The k nearest neighbours, as ResidualIndex.query (same arguments, same bits).
 
         window: chunks in flight at once (default: twice the workers).
+        compute=False: return at once, with ``indices`` and ``distances`` as dask arrays (one
+        block per chunk, in query order) whose computation runs the search; every chunk is then
+        submitted together (no window) and the telemetry stays empty.
         """
+        if not isinstance(compute, (bool, np.bool_)):
+            raise InvalidTypeError(f"compute must be a bool, got compute={compute!r}")
         if not isinstance(predecessor, (bool, np.bool_)):
             raise InvalidTypeError(f"predecessor must be a bool, got predecessor={predecessor!r}")
         predecessor = bool(predecessor)
@@ -194,6 +204,9 @@ class DistributedIndex:
         tel = DistributedTelemetry(shards=self.shards, evaluations=[0] * self.shards)
         # chunks: by home shard, Hilbert order inside (so a chunk is compact and prunes together)
         order = np.lexsort((np.argsort(hilbert_order(scaled_q, self._box_lo, self._box_hi)), home))
+        if not compute:
+            window = None  # every chunk in flight: the dask arrays hold them all
+        lazy = []
         pending: deque = deque()
         for h in range(self.shards):
             rows_h = order[home[order] == h]
@@ -207,11 +220,16 @@ class DistributedIndex:
                 chunk = self.client.submit(search_home, self._futures[h], k, self.n, predecessor, pure=True, **spec)
                 others = [s for s in range(self.shards) if s != h and self._first[s] < top_limit]
                 parts = [self.client.submit(search_other, self._futures[s], chunk, k, pure=True) for s in others]
+                if not compute:
+                    lazy.append((rows, self.client.submit(merge, k, chunk, parts, pure=True)))
+                    continue
                 pending.append((rows, h, others, chunk, parts))
                 if len(pending) >= window:
                     self._collect(pending.popleft(), k, out_idx, out_dist, tel)
         while pending:
             self._collect(pending.popleft(), k, out_idx, out_dist, tel)
+        if not compute:
+            return DistributedResult(*_lazy_result(lazy, q, k), tel)
         return DistributedResult(out_idx, out_dist, tel)
 
     def _collect(self, item, k, out_idx, out_dist, tel: DistributedTelemetry) -> None:
@@ -238,10 +256,29 @@ class DistributedIndex:
         return f"DistributedIndex(n={self.n}, d={self.d}, m={self.m}, shards={self.shards}, workers={len(self.workers)})"
 
 
-def residual_knn(coords, k: int, kernel: Kernel, inducing=256, predecessor: bool = False, queries=None,
+def _lazy_result(lazy, q: int, k: int):
+    """(indices, distances) dask arrays in query order from per-chunk futures of merge's
+    (indices, distances): one block per chunk, then the permutation back to query order."""
+    import dask.array as da
+    from dask import delayed
+
+    rows = np.concatenate([r for r, _ in lazy]) if lazy else np.zeros(0, dtype=np.int64)
+    back = np.empty(q, dtype=np.int64)
+    back[rows] = np.arange(q)
+    out = []
+    for pos, dtype in ((0, np.int64), (1, np.float64)):
+        blocks = [da.from_delayed(delayed(operator.itemgetter(pos))(fut), shape=(r.size, k), dtype=dtype)
+                  for r, fut in lazy]
+        stacked = da.concatenate(blocks) if blocks else da.zeros((0, k), dtype=dtype)
+        out.append(stacked[back])
+    return out
+
+
+def residual_knn(coords, k: int, kernel: Kernel, inducing=None, predecessor: bool = False, queries=None,
                  query_coords=None, *, client=None, shards: int | None = None, backend: str = "auto",
                  method: str = "auto", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """residual_gpu.residual_knn on a dask Client: (indices, distances), the same bits."""
+    """residual_gpu.residual_knn on a dask Client: (indices, distances), the same bits
+    (``inducing=None``: ``default_inducing(n)`` points, as there)."""
     index = DistributedIndex(coords, kernel, inducing, client=client, shards=shards, seed=seed, backend=backend,
                              method=method)
     try:
