@@ -52,7 +52,7 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
         raise InvalidArgumentError(f"repeats must be >= 1, got repeats={repeats!r}")
     case = get_suite(name, n)
     t0 = time.perf_counter()
-    problem = ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
+    problem = ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed, backend=backend)
     problem_seconds = time.perf_counter() - t0
     q = case.n if case.queries is None else case.queries.size
     # The yardstick is timed on at most GEMM_ROWS query rows (a q x n float64 product does not fit in

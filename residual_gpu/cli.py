@@ -101,7 +101,8 @@ def knn(coords_path, output, k, kernel, lengthscale, variance, inducing, inducin
                                  param_hint="--lengthscale") from None
     try:
         kern = make_kernel(kernel, lengthscale=ls[0] if len(ls) == 1 else np.array(ls), variance=variance)
-        problem = ResidualProblem(coords, kernel=kern, inducing=inducing, seed=seed, inducing_method=inducing_method)
+        problem = ResidualProblem(coords, kernel=kern, inducing=inducing, seed=seed, inducing_method=inducing_method,
+                                  backend=backend)
         index = ResidualIndex(problem, backend=backend, method=method, progress=progress)
         qc = None if query_coords is None else _load_array(query_coords, "--query-coords")
         res = index.query(k, query_coords=qc, predecessor=predecessor, progress=progress,

@@ -562,12 +562,14 @@ def residual_knn(coords, k: int, kernel: Kernel, inducing=None, predecessor: boo
                  progress: bool | None = None, inducing_method: str = "kmeans++",
                  like=None) -> tuple[np.ndarray, np.ndarray]:
     """One call: build the problem and index, return (indices, distances). ``inducing``,
-    ``seed`` and ``inducing_method`` as in ResidualProblem (None: min(256, n // 2) points).
+    ``seed`` and ``inducing_method`` as in ResidualProblem (None: min(256, n // 2) points);
+    ``backend`` builds the problem's factors too (on the GPU for "cuda", the same bits).
 
     The arrays in may come from numpy, CuPy, JAX or PyTorch; the results are numpy, or in the
     library and on the device of ``like`` (e.g. ``like=coords``), as in ``ResidualIndex.query``.
     """
-    problem = ResidualProblem(coords, kernel=kernel, inducing=inducing, seed=seed, inducing_method=inducing_method)
+    problem = ResidualProblem(coords, kernel=kernel, inducing=inducing, seed=seed, inducing_method=inducing_method,
+                              backend=backend)
     index = ResidualIndex(problem, backend=backend, method=method)
     res = index.query(k, queries=queries, query_coords=query_coords, predecessor=predecessor, progress=progress,
                       like=like)

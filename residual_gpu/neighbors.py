@@ -76,7 +76,7 @@ class ResidualNeighbors(BaseEstimator):
         x = as_float_matrix(X, "X")
         kernel = make_kernel(self.kernel, self.lengthscale, self.variance)
         extra = {} if self.inducing is None else {"inducing": self.inducing}
-        self.problem_ = ResidualProblem(x, kernel=kernel, seed=self.seed, **extra)
+        self.problem_ = ResidualProblem(x, kernel=kernel, seed=self.seed, backend=self.backend, **extra)
         self.index_ = ResidualIndex(self.problem_, backend=self.backend, method=self.method,
                                     precision=self.precision)
         self.n_features_in_ = x.shape[1]

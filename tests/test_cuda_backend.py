@@ -610,6 +610,12 @@ def test_emulated_factors_through_with_kernel_and_the_index(emulated):
     a = rg.ResidualIndex(again, backend="cpu").query(5, predecessor=True)
     b = rg.ResidualIndex(again_host, backend="cpu").query(5, predecessor=True)
     assert np.array_equal(a.indices, b.indices) and np.array_equal(a.distances, b.distances)
+    # the one call with backend="cuda" builds the factors on the device too
+    emulated.launches.clear()
+    got = rg.residual_knn(x, 5, rg.Matern32(lengthscale=0.2), inducing=12, backend="cuda")
+    want = rg.residual_knn(x, 5, rg.Matern32(lengthscale=0.2), inducing=12, backend="cpu")
+    assert "residual_cross_factors" in {name for name, *_ in emulated.launches}
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
 
 def _gpu_problem():

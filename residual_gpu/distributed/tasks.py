@@ -51,7 +51,8 @@ def build_shard(coords, rows, kernel, inducing, jitter, p_floor, index_options: 
     """The shard's problem from the inducing points (L computed here, in the same fixed order as
     the single process), its index and its cut-node summary."""
     args = (coords, rows, kernel, inducing, jitter, p_floor, index_options, leaves)
-    problem = ResidualProblem(coords, kernel=kernel, inducing=inducing, jitter=jitter, p_floor=p_floor)
+    problem = ResidualProblem(coords, kernel=kernel, inducing=inducing, jitter=jitter, p_floor=p_floor,
+                              backend=index_options.get("backend"))
     index = ResidualIndex(problem, progress=False, **index_options)
     return Shard(args, rows, index, summarize(problem, rows, leaves))
 
