@@ -6,10 +6,12 @@ is below AUTO_PRECHECK_P of the variance and a tree over AUTO_PRECHECK_N sampled
 at least AUTO_VACUOUS_SHARE of brute force's work (the bounds are vacuous, as on `gold`), or
 when the full tree, tried on AUTO_SAMPLE dataset queries (plain mode, k = AUTO_K), would spend
 at least AUTO_MAX_SHARE (of the index's precision) of brute force's work (distance evaluations
-plus bound dot products, per candidate); the tree otherwise. The estimate (and the tree's build) is paid only once a
-query is large enough to repay it: a query with fewer than AUTO_ESTIMATE_RATIO x
-AUTO_BUILD_PAIRS x n admissible (query, candidate) pairs runs brute force and leaves the method
-undecided; the first larger query, or reading ``index.method`` (which assumes all points),
+plus bound dot products, per candidate); the tree otherwise. The estimate (and the tree's
+build) is paid only once the queries are large enough to repay it: while the admissible (query,
+candidate) pairs of this index's queries so far, the current one included, stay below
+AUTO_ESTIMATE_RATIO x AUTO_BUILD_PAIRS x n, queries run brute force and the method stays
+undecided; the query that reaches it (one large query, or the last of many small ones, as a
+sharded or batched search sends them), or reading ``index.method`` (which assumes all points),
 decides it.
 
 ``precision="auto"`` rule (precision.choose_precision, docs/precision.md "The float32 fast
@@ -191,6 +193,7 @@ class ResidualIndex:
         self._brute_select = BruteSelect(self._backend, self._prepared, problem, precision)
         self.build_seconds_by_phase = {"prepare": time.perf_counter() - t0}
         self._method = None  # "auto" still undecided (the method property)
+        self._undecided_pairs = 0  # admissible pairs queried while undecided (_method_for)
         if method == "brute":
             self._method = "brute"
         elif method == "tree" or _tree is not None:
@@ -264,14 +267,19 @@ class ResidualIndex:
         else:
             ids = as_index_array(queries, "queries", n=n)
             pairs = int(ids.sum()) if predecessor else ids.size * n
-        return self._method_for(pairs, progress)
+        return self._method_for(pairs, progress, record=False)
 
-    def _method_for(self, pairs: int, progress) -> str:
+    def _method_for(self, pairs: int, progress, record: bool = True) -> str:
+        """The method of a query of ``pairs`` admissible pairs; ``record``: count them (a query
+        that runs), not only ask (method_for)."""
         if self._method is not None:
             return self._method
         enough = AUTO_ESTIMATE_RATIO * AUTO_BUILD_PAIRS * self.problem.n
-        if pairs < enough:
-            self.auto_reason = (f"undecided: a query of {pairs:.3g} candidate pairs < {AUTO_ESTIMATE_RATIO} x "
+        total = self._undecided_pairs + pairs
+        if total < enough:
+            if record:
+                self._undecided_pairs = total
+            self.auto_reason = (f"undecided: {total:.3g} candidate pairs queried so far < {AUTO_ESTIMATE_RATIO} x "
                                 f"{AUTO_BUILD_PAIRS} x n = {enough:.3g} cannot repay the tree's estimate: brute force")
             return "brute"
         self._method = self._choose_method(progress)

@@ -525,6 +525,25 @@ def test_auto_decides_at_the_first_query_large_enough(monkeypatch):
     assert np.array_equal(again.indices, small.indices) and np.array_equal(again.distances, small.distances)
 
 
+def test_auto_decides_once_many_small_queries_add_up(monkeypatch):
+    """Batches (a sharded or chunked search) count together: the call that brings the pairs queried
+    while undecided to the threshold decides; asking (method_for) counts nothing."""
+    import residual_gpu.index as index_module
+
+    monkeypatch.setattr(index_module, "AUTO_BUILD_PAIRS", 10)  # decide at 10 x 10 x 6000 = 6e5 pairs
+    x = np.random.default_rng(1).random((6000, 2))
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.02), inducing=64, seed=0)
+    index = rg.ResidualIndex(problem, backend="cpu", method="auto")
+    batch = np.arange(0, 6000, 150)  # 40 queries: 2.4e5 pairs
+    for _ in range(3):
+        assert index.method_for(queries=batch) == "brute"
+    first, second = index.query(10, queries=batch), index.query(10, queries=batch + 1)
+    assert first.telemetry.method == second.telemetry.method == "brute" and index.tree is None
+    third = index.query(10, queries=batch + 2)  # 7.2e5 pairs in all: decides
+    assert third.telemetry.method == "tree" and index.tree is not None
+    same_as_brute(problem, third, 10, queries=batch + 2)
+
+
 def test_auto_small_problems_use_brute_force_and_bad_methods_are_rejected():
     problem = make_problem(0, 100, 2, rg.Matern52(lengthscale=0.1), 10)
     assert rg.ResidualIndex(problem, backend="cpu").method == "brute"
