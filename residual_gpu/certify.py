@@ -18,6 +18,13 @@ distance:
 
 So the returned indices are those of the reference ranking, and the returned distances
 are the accurate ones.
+
+A query may carry a *floor* F (a search asked only for its neighbours at accurate distance
+<= F, as a distributed shard is once the home shard's k-th distance is known): hi_k is then
+min(hi_k, F), a candidate dropped with D(a_dropped + E) > F is no contender whatever the
+kept ones are, and the row holds the top k of the points within F (padded with -1 and inf),
+possibly followed by farther ones. ``floor_thresholds`` turns F into the |rho| below which a
+select may drop a candidate (or a pruned node's bound) knowing that this test passes.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ def _dist(a):
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def certify_and_rank(k, cand_index, cand_a, a_dropped, margin, qx, qv, qp, x, v, p, scale,
+def certify_and_rank(k, cand_index, cand_a, a_dropped, margin, floor, qx, qv, qp, x, v, p, scale,
                      kernel_id, variance, out_index, out_dist, certified, accurate_evals):
     for r in prange(cand_index.shape[0]):
         kept = 0
@@ -51,7 +58,7 @@ def certify_and_rank(k, cand_index, cand_a, a_dropped, margin, qx, qv, qp, x, v,
         idx = cand_index[r, :kept]
         order = np.argsort(-a, kind="mergesort")
         e = margin[r]
-        hi_k = _dist(a[order[k - 1]] - e) if kept >= k else np.inf
+        hi_k = min(_dist(a[order[k - 1]] - e) if kept >= k else np.inf, floor[r])
         if a_dropped[r] >= 0.0 and _dist(a_dropped[r] + e) <= hi_k:
             certified[r] = False
             continue
@@ -86,3 +93,26 @@ def certify_and_rank(k, cand_index, cand_a, a_dropped, margin, qx, qv, qp, x, v,
         for c in range(take, k):
             out_index[r, c] = -1
             out_dist[r, c] = np.inf
+
+
+@njit(cache=True, fastmath=False)
+def floor_thresholds(floor, margin):
+    """Per query, the |rho| t with D(a + E) > F for every a < t (F = ``floor``, E = ``margin``),
+    as certify_and_rank computes D: a select may drop whatever its fast value or bound puts
+    below t. -inf where F is infinite (no floor) or where no a qualifies."""
+    out = np.empty(floor.shape[0])
+    for r in range(floor.shape[0]):
+        f = floor[r]
+        if not f < 1.0:  # D <= 1 always: a floor of 1 or more (or inf) drops nothing
+            out[r] = -np.inf
+            continue
+        e = margin[r]
+        t = (1.0 - f * f) - e
+        # D(a + E) > F must hold at t itself (then for every a < t: D is non-increasing in a);
+        # step down past the roundings of 1 - F^2, a + E and the square root
+        step = 4.0 * np.finfo(np.float64).eps * max(1.0, abs(t))
+        while t > -1.0 and _dist(t + e) <= f:
+            t -= step
+            step *= 2.0
+        out[r] = t if t > -1.0 else -np.inf
+    return out

@@ -360,7 +360,7 @@ class ResidualIndex:
         k = as_int(k, "k", low=1, high=most)
         return self._search(batch, k, bool(predecessor), progress, telemetry_path, query_ids, convert)
 
-    def query_from_factors(self, k: int, coords, v, p, *, self_index=None, limit=None,
+    def query_from_factors(self, k: int, coords, v, p, *, self_index=None, limit=None, floor=None,
                            progress: bool | None = None, telemetry_path=None) -> KnnResult:
         """The k nearest neighbours of queries given by their factors: coordinates (q, d), V rows
         (q, m) and residual variances p (q,), computed with this problem's kernel and inducing
@@ -371,6 +371,11 @@ class ResidualIndex:
         limit: per query, only points j < limit are admissible (predecessor mode in this
         problem's indices; default: n). Rows with fewer than k admissible points are padded with
         -1 and inf; k may be at most n.
+        floor: per query, a distance (>= 0, inf for none): only the neighbours at distance <= floor
+        are wanted, and a row holds exactly the top k of those (the same indices and bits as
+        without a floor), possibly followed by farther points, then padding. The search prunes
+        with it from the start, so a floor known beforehand (another shard's k-th distance)
+        saves the evaluations that would only have found points beyond it.
         """
         prob = self.problem
         xq = as_float_matrix(coords, "coords", ncols=prob.d)
@@ -383,7 +388,8 @@ class ResidualIndex:
                                                                                     prob.n - 1)
         upto = np.full(q, prob.n, dtype=np.int64) if limit is None else _per_query(limit, "limit", q, 0, prob.n)
         k = as_int(k, "k", low=1, high=prob.n)
-        batch = QueryBatch(xq, vq, pq, row_norms(vq), own, upto)
+        cut = None if floor is None else _distance_floor(floor, q)
+        batch = QueryBatch(xq, vq, pq, row_norms(vq), own, upto, floor=cut)
         return self._search(batch, k, limit is not None, progress, telemetry_path, None, result_converter(None))
 
     def _search(self, batch: QueryBatch, k: int, predecessor: bool, progress, telemetry_path, query_ids,
@@ -533,6 +539,21 @@ def _per_query(value, name: str, q: int, low: int, high: int) -> np.ndarray:
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
         raise InvalidArgumentError(f"{name} must be in [{low}, {high}], got {name}[{i}]={out[i]}")
+    return out
+
+
+def _distance_floor(value, q: int) -> np.ndarray:
+    """A fresh float64 array of q distance floors, each >= 0 or inf (query_from_factors' floor)."""
+    arr = np.asarray(to_host(value)[0])
+    if arr.ndim != 1 or arr.shape[0] != q:
+        raise InvalidArgumentError(f"floor must be 1-D with one entry per query (q={q}), got floor.shape={arr.shape}")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidTypeError(f"floor must hold real numbers, got floor.dtype={arr.dtype}")
+    out = np.array(arr, dtype=np.float64, copy=True)
+    bad = np.isnan(out) | (out < 0)
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidArgumentError(f"floor must be >= 0 (inf: no floor), got floor[{i}]={out[i]}")
     return out
 
 

@@ -7,7 +7,8 @@ subtrees as dropped (with their upper bound on |rho|). Queries are processed in 
 predecessor-mode tiles stop early. A query whose k-th neighbour the fast values cannot
 certify is searched again with four times as many kept candidates; once ``keep`` covers
 every admissible candidate nothing is dropped and certification cannot fail, so the loop
-ends.
+ends. A batch with a ``floor`` is certified against it (certify.py): rows hold the top k
+within the floor.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def exact_knn(select: Callable[[QueryBatch, int], Candidates], problem, batch: Q
         dist = np.empty((sub.size, k))
         ok = np.zeros(sub.size, dtype=np.bool_)
         acc = np.zeros(sub.size, dtype=np.int64)
-        certify_and_rank(k, cand.index, cand.abs_rho, cand.a_dropped, margin, sub.coords, sub.v, sub.p,
+        floor = sub.floor if sub.floor is not None else np.full(sub.size, np.inf)
+        certify_and_rank(k, cand.index, cand.abs_rho, cand.a_dropped, margin, floor, sub.coords, sub.v, sub.p,
                          problem.coords, problem.v, problem.p, problem.lengthscales,
                          problem.kernel.kernel_id, problem.kernel.variance, idx, dist, ok, acc)
         telemetry.add_seconds("select", t1 - t0)

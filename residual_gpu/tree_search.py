@@ -37,6 +37,7 @@ from threadpoolctl import threadpool_limits
 from ._numba_math import accurate_abs_rho, correlation, row_norms
 from .backends.base import Candidates, QueryBatch
 from .backends.cpu import _abs_rho_row, _heap_push, _sift_down
+from .certify import floor_thresholds
 from .hilbert import hilbert_order
 from .precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
 
@@ -445,12 +446,13 @@ def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
 
 
 @njit(inline="always", cache=True)
-def _threshold(heap_a, count, kth_a, kth_n, qmarg, r):
+def _threshold(heap_a, count, kth_a, kth_n, qmarg, qfloor, r):
     """Pruning threshold of row r.
 
     Residual metric: the k-th largest value evaluated so far minus twice the row's rounding
     margin, once k values are known (a drop below it always passes certification, which
-    compares the dropped maximum with the final k-th value, both widened by the margin).
+    compares the dropped maximum with the final k-th value, both widened by the margin), and
+    at least the row's floor threshold (certify.floor_thresholds; -inf without a floor).
     Euclidean metric (``kth_a`` has no columns): the smallest kept value once the heap is full.
     """
     if kth_a.shape[1] == 0:
@@ -458,8 +460,8 @@ def _threshold(heap_a, count, kth_a, kth_n, qmarg, r):
             return heap_a[r, 0]
         return -np.inf
     if kth_n[r] == kth_a.shape[1]:
-        return kth_a[r, 0] - 2.0 * qmarg[r]
-    return -np.inf
+        return max(kth_a[r, 0] - 2.0 * qmarg[r], qfloor[r])
+    return qfloor[r]
 
 
 @njit(inline="always", cache=True)
@@ -483,7 +485,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                    node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
                    node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
                    pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
-                   qx, qv, qip, qrn, qna, qmarg, qself, qlimit,
+                   qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
                    heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
                    qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod):
     """One tile of queries: rows [tile * tile_size, ...) of the query arrays (see the module docstring)."""
@@ -605,7 +607,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                                            node_ymax[nd], node_zeta[nd], node_zabs[nd], s0[i, e], sr[i, e])
                     else:
                         u = -box_distances(qx[r], inv_scale, node_lo[nd], node_hi[nd])[0]
-                    if u < _threshold(heap_a, count, kth_a, kth_n, qmarg, r):
+                    if u < _threshold(heap_a, count, kth_a, kth_n, qmarg, qfloor, r):
                         a_dropped[r] = max(a_dropped[r], u)
                         ctr[C_PRUNE_BOUND] += 1
                         ub[i] = NOADM
@@ -650,7 +652,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                 if u == NOADM:
                     continue
                 r = r0 + i
-                if u < _threshold(heap_a, count, kth_a, kth_n, qmarg, r):
+                if u < _threshold(heap_a, count, kth_a, kth_n, qmarg, qfloor, r):
                     a_dropped[r] = max(a_dropped[r], u)
                     ctr[C_PRUNE_BOUND] += 1
                     continue
@@ -707,7 +709,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
               node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
               node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
               pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
-              qx, qv, qip, qrn, qna, qmarg, qself, qlimit,
+              qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
               heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
               qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod):
     """All tiles, one Numba task each (dynamic scheduling: tiles differ in cost)."""
@@ -717,7 +719,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
                        node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
                        node_ymin, node_ymax, node_zeta, node_zabs, roots, root_lo,
                        pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
-                       qx, qv, qip, qrn, qna, qmarg, qself, qlimit,
+                       qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
                        heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
                        qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod)
 
@@ -821,12 +823,14 @@ class TreeSearcher:
         return query_factors(self.tree.transform, v, self.gam, self.tnorm, self.sequential)
 
     # -- the select pass -------------------------------------------------------------
-    def run(self, qx, qv, qp, qself, qlimit, keep: int, qa=None, qrn=None, qna=None, k=None, qmarg=None):
+    def run(self, qx, qv, qp, qself, qlimit, keep: int, qa=None, qrn=None, qna=None, k=None, qmarg=None,
+            qfloor=None):
         """Raw traversal over queries (in any order); returns heaps, a_dropped, counter totals.
 
         qp: the queries' residual variances (ones for the Euclidean metric).
         Residual metric: pruning compares bounds with the k-th largest value minus twice
-        ``qmarg`` (k = keep when not given, with zero margins); Euclidean: with the heap minimum.
+        ``qmarg`` (k = keep when not given, with zero margins), and with ``qfloor`` (per query,
+        certify.floor_thresholds; none when not given); Euclidean: with the heap minimum.
         """
         q = qx.shape[0]
         order = hilbert_order(qx * self.inv_scale, *self.box) if q > 1 else np.arange(q)
@@ -837,9 +841,11 @@ class TreeSearcher:
             qa_o, qrn_o, qna_o = take(qa), take(qrn), take(qna)
             kk = keep if k is None else min(int(k), keep)
             qmarg_o = np.zeros(q) if qmarg is None else take(qmarg)
+            qfloor_o = np.full(q, -np.inf) if qfloor is None else take(qfloor)
         else:
             qa_o = np.zeros((q, 0))
             qrn_o = qna_o = qmarg_o = np.zeros(q)
+            qfloor_o = np.full(q, -np.inf)
             kk = 0
         qv_fast, qa_fast = qv_o, qa_o
         if self.leaf_precision == "float32":
@@ -860,7 +866,7 @@ class TreeSearcher:
                           tr.node_lo, tr.node_hi, tr.node_min, tr.node_ymin, tr.node_ymax,
                           tr.node_zeta, tr.node_zabs, tr.roots, tr.root_lo, self.pidx, self.pxt, self.pip,
                           self.didx, self.dxt, self.dip, self.dv, self.inv_scale, qx_o, qv_o, qip_o, qrn_o,
-                          qna_o, qmarg_o, qself_o, qlim_o, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
+                          qna_o, qmarg_o, qfloor_o, qself_o, qlim_o, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
                           counters, self.sequential, qp_o, self.pp, self.dp, self.scale, qv_fast, self.pv_fast, qa_fast,
                           self.mid_fast, self.rad_fast, self.gam_prod)
         inv = np.empty(q, dtype=np.int64)
@@ -963,8 +969,10 @@ class TreeSearcher:
             sub = batch.take(tree_rows) if tree_rows.size < q else batch
             qa, qrn, qna = self.query_factors(sub.v)
             t1 = time.perf_counter()
+            sub_margin = margin[tree_rows]
+            qfloor = None if sub.floor is None else floor_thresholds(sub.floor, sub_margin)
             ha, hi, ad, totals = self.run(sub.coords, sub.v, sub.p, sub.self_index, sub.limit, keep,
-                                          qa, qrn, qna, k=k, qmarg=None if k is None else margin[tree_rows])
+                                          qa, qrn, qna, k=k, qmarg=None if k is None else sub_margin, qfloor=qfloor)
             index[tree_rows] = hi
             abs_rho[tree_rows] = ha
             a_dropped[tree_rows] = ad

@@ -30,7 +30,9 @@ class QueryBatch:
     coords (q, d), v (q, m), p (q,) and v_norms (q,) describe each query point;
     ``self_index`` is its dataset index (excluded from its own neighbours) or -1 for a
     new location; candidate j is admissible for query r only if j < ``limit[r]``
-    (n outside predecessor mode) and j != self_index[r].
+    (n outside predecessor mode) and j != self_index[r]. ``floor`` (q,), when set: per query,
+    the accurate distance beyond which no neighbour is wanted (certify.py; a distributed
+    shard's search below the home shard's k-th distance); None: no floor.
     """
 
     coords: np.ndarray
@@ -39,6 +41,7 @@ class QueryBatch:
     v_norms: np.ndarray
     self_index: np.ndarray
     limit: np.ndarray
+    floor: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -46,7 +49,8 @@ class QueryBatch:
 
     def take(self, rows: np.ndarray) -> QueryBatch:
         return QueryBatch(*(np.ascontiguousarray(a[rows]) for a in (
-            self.coords, self.v, self.p, self.v_norms, self.self_index, self.limit)))
+            self.coords, self.v, self.p, self.v_norms, self.self_index, self.limit)),
+                          floor=None if self.floor is None else np.ascontiguousarray(self.floor[rows]))
 
 
 @dataclass

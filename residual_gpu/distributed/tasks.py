@@ -89,10 +89,12 @@ class Part:
         return self.rows.nbytes + self.indices.nbytes + self.distances.nbytes
 
 
-def _top(shard: Shard, k: int, coords, v, p, self_local, limit_local) -> tuple[np.ndarray, np.ndarray, int]:
+def _top(shard: Shard, k: int, coords, v, p, self_local, limit_local, floor=None
+         ) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k on one shard in global indices, k columns (shards smaller than k pad), and the
-    search's distance evaluations."""
-    res = shard.index.query_from_factors(min(k, shard.n), coords, v, p, self_index=self_local, limit=limit_local)
+    search's distance evaluations; with ``floor``, the top k within it (query_from_factors)."""
+    res = shard.index.query_from_factors(min(k, shard.n), coords, v, p, self_index=self_local, limit=limit_local,
+                                         floor=floor)
     idx = np.where(res.indices >= 0, shard.rows[np.maximum(res.indices, 0)], -1)
     pad = k - idx.shape[1]
     return (np.pad(idx, ((0, 0), (0, pad)), constant_values=-1),
@@ -118,7 +120,9 @@ def search_home(shard: Shard, k: int, n: int, predecessor: bool, ids=None, facto
 
 def search_other(shard: Shard, chunk: Chunk, k: int) -> Part:
     """The chunk on a shard that does not hold its queries: only the queries with an admissible
-    point here that the shard bound cannot prune (bounds.prunable) are searched."""
+    point here that the shard bound cannot prune (bounds.prunable) are searched, each for its
+    top k within the home k-th distance (the floor: a point beyond it cannot enter the merged
+    top k, whose home list already holds k points within it)."""
     admissible = np.flatnonzero(shard.rows[0] < chunk.limit)
     rows = admissible
     if admissible.size:
@@ -129,7 +133,8 @@ def search_other(shard: Shard, chunk: Chunk, k: int) -> Part:
     if not rows.size:
         return Part(rows, np.empty((0, k), dtype=np.int64), np.empty((0, k)))
     local_limit = np.searchsorted(shard.rows, chunk.limit[rows], side="left")
-    idx, dist, evals = _top(shard, k, chunk.coords[rows], chunk.v[rows], chunk.p[rows], None, local_limit)
+    idx, dist, evals = _top(shard, k, chunk.coords[rows], chunk.v[rows], chunk.p[rows], None, local_limit,
+                            chunk.distances[rows, -1])
     return Part(rows, idx, dist, evals)
 
 
