@@ -269,6 +269,14 @@ class ResidualIndex:
             pairs = int(ids.sum()) if predecessor else ids.size * n
         return self._method_for(pairs, progress, record=False)
 
+    def expect(self, pairs: int, progress=None) -> str:
+        """Count ``pairs`` admissible (query, candidate) pairs of queries that are about to come
+        as many small calls (residual_gpu.distributed's chunks, a batched pipeline) toward an
+        undecided method="auto", as one query of them all would, and return the method those
+        calls will use: "auto" then decides before the first of them, not after enough of them
+        have run by brute force."""
+        return self._method_for(as_int(pairs, "pairs", low=0), progress)
+
     def _method_for(self, pairs: int, progress, record: bool = True) -> str:
         """The method of a query of ``pairs`` admissible pairs; ``record``: count them (a query
         that runs), not only ask (method_for)."""

@@ -37,7 +37,7 @@ def _single(n: int, queries: np.ndarray, out) -> None:
     np.save(out + ".idx.npy", res.indices)
     np.save(out + ".dist.npy", res.distances)
     with open(out + ".json", "w") as fh:
-        json.dump({"build_s": t1 - t0, "query_s": t2 - t1, "peak_rss": _peak_rss_bytes(), "method": index.method}, fh)
+        json.dump({"build_s": t1 - t0, "query_s": t2 - t1, "peak_rss": _peak_rss_bytes(), "method": res.telemetry.method}, fh)
 
 
 def _distributed(n: int, queries: np.ndarray, shards: int, workers: int) -> dict:
@@ -61,7 +61,7 @@ def _distributed(n: int, queries: np.ndarray, shards: int, workers: int) -> dict
     return {"build_s": t1 - t0, "query_s": t2 - t1, "worker_peak_rss": sorted(rss.values()),
             "shard_bytes": mem, "evaluations": tel.evaluations, "chunks": tel.chunks,
             "sent_per_chunk": float(np.mean(tel.searched)), "pruned_per_chunk": float(np.mean(tel.pruned)),
-            "pruned_pair_share": tel.pruned_pair_share, "indices": res.indices, "distances": res.distances}
+            "pruned_pair_share": tel.pruned_pair_share, "methods": tel.methods, "indices": res.indices, "distances": res.distances}
 
 
 def main() -> None:
@@ -85,8 +85,9 @@ def main() -> None:
           f"(method {single['method']}): build {single['build_s']:.1f} s, query {single['query_s']:.1f} s, "
           f"peak RSS {single['peak_rss'] / mib:.0f} MiB")
     print("| shards | build s | query s | total vs single | worker peak RSS MiB | vs single | shards sent / pruned "
-          "per chunk | pairs pruned | shard MiB (mean) | evaluations per shard (mean, max/mean) | same bits |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "per chunk | pairs pruned | shard MiB (mean) | evaluations per shard (mean, max/mean) | searches by method | "
+          "same bits |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     total = single["build_s"] + single["query_s"]
     for p in shards:
         r = _distributed(args.n, queries, p, args.workers)
@@ -96,7 +97,8 @@ def main() -> None:
         print(f"| {p} | {r['build_s']:.1f} | {r['query_s']:.1f} | {(r['build_s'] + r['query_s']) / total:.2f}x | "
               f"{rss / mib:.0f} | {rss / single['peak_rss']:.2f}x | {r['sent_per_chunk']:.1f} / "
               f"{r['pruned_per_chunk']:.1f} | {r['pruned_pair_share']:.2f} | {np.mean(r['shard_bytes']) / mib:.1f} | "
-              f"{ev.mean():.3g}, {ev.max() / max(ev.mean(), 1):.2f} | {same} |", flush=True)
+              f"{ev.mean():.3g}, {ev.max() / max(ev.mean(), 1):.2f} | "
+              f"{', '.join(f'{m} {c}' for m, c in sorted(r['methods'].items()))} | {same} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ At most ``window`` chunks are in flight, so a worker holds the queries of a few 
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,18 +19,26 @@ import numpy as np
 from distributed import Client, default_client
 
 from .._validation import _describe, as_float_matrix, as_index_array, as_int, check_scaled_spread
-from ..errors import InvalidArgumentError, InvalidTypeError
+from ..errors import InvalidArgumentError, InvalidTypeError, ResidualGPUError
 from ..hilbert import hilbert_order
 from ..inducing import kmeanspp_indices
 from ..kernels import Kernel, make_kernel
 from ..problem import DEFAULT_JITTER, DEFAULT_P_FLOOR, ResidualProblem, default_inducing
 from .shards import kd_shards, nearest_box
-from .tasks import build_shard, merge, search_home, search_other
+from .tasks import build_shard, merge, plan, search_home, search_other
 
 #: queries per chunk (one home task and at most P - 1 other-shard tasks each)
 DEFAULT_CHUNK = 4096
+#: a query reruns the chunks it had not collected when a worker holding shards is lost, this often at most
+LOST_WORKER_RETRIES = 3
+#: seconds between checks that the workers a chunk waits for are still there
+LOST_WORKER_POLL_S = 1.0
 #: cut nodes per shard summary from the coarse tree (bounds.summarize), besides the dense points
 DEFAULT_SUMMARY_LEAVES = 32
+
+
+class _ShardLost(Exception):
+    """A worker holding shards left while tasks pinned to it were in flight."""
 
 
 @dataclass
@@ -37,8 +46,11 @@ class DistributedTelemetry:
     """What one distributed query did: per chunk, its home shard, the other shards it was sent
     to (``searched``: those with a point below the chunk's largest limit), the ones of those
     that searched no query (``pruned``: every query cut by the bound or its limit); over the
-    call, the (query, other shard) pairs sent and those actually searched, and per shard the
-    distance evaluations its searches made (``evaluations``, the work)."""
+    call, the (query, other shard) pairs sent and those actually searched, per shard the
+    distance evaluations its searches made (``evaluations``, the work), and how many searches
+    each method answered (``methods``: home and other-shard searches, "brute" or "tree"), and
+    how often the uncollected chunks were resubmitted after a worker holding shards was lost
+    (``reruns``)."""
 
     shards: int = 0
     chunks: int = 0
@@ -48,6 +60,8 @@ class DistributedTelemetry:
     pairs_sent: int = 0
     pairs_searched: int = 0
     evaluations: list = field(default_factory=list)
+    methods: dict = field(default_factory=dict)
+    reruns: int = 0
 
     @property
     def pruned_pair_share(self) -> float:
@@ -133,7 +147,8 @@ class DistributedIndex:
         self._u_problem = ResidualProblem(u, kernel=self.kernel, inducing=u, jitter=jitter, p_floor=p_floor)
         self.inducing = self._u_problem.inducing
         self.m = u.shape[0]
-        workers = sorted(self.client.scheduler_info()["workers"])
+        info = self.client.scheduler_info()["workers"]
+        workers = sorted(info)
         if not workers:
             raise InvalidArgumentError("the client has no workers: start a cluster with at least one worker")
         self.workers = workers
@@ -151,11 +166,15 @@ class DistributedIndex:
         self._first = np.array([r[0] for r in self.shard_rows])
         if method not in ("auto", "brute", "tree"):
             raise InvalidArgumentError(f"method must be one of ['auto', 'brute', 'tree'], got method={method!r}")
+        self.method = method
         options = {"backend": backend, "method": method, "precision": precision}
-        # pinned round robin; allow_other_workers: a lost worker's shards are rebuilt elsewhere
+        # pinned round robin; allow_other_workers: a lost worker's shards are rebuilt elsewhere.
+        # Each shard's tasks run with its worker's thread count (tasks._threads)
+        self._shard_threads = [int(info[workers[s % len(workers)]].get("nthreads", 1)) for s in range(self.shards)]
         self._futures = [
             self.client.submit(build_shard, x[rows], rows, self.kernel, u, jitter, p_floor, options, leaves,
-                               workers=[workers[s % len(workers)]], allow_other_workers=True, pure=True)
+                               self._shard_threads[s], workers=[workers[s % len(workers)]], allow_other_workers=True,
+                               pure=True)
             for s, rows in enumerate(self.shard_rows)]
         for fut in self._futures:  # wait for the builds, leaving the shards on the workers
             exc = fut.exception()
@@ -199,42 +218,115 @@ class DistributedIndex:
             k = as_int(k, "k", low=1, high=self.n - 1)
         window = 2 * len(self.workers) if window is None else as_int(window, "window", low=1)
         q = home.size
+        if self.method == "auto":
+            self._plan(home, None if query_coords is not None else ids, predecessor)
+        # chunks: per home shard in Hilbert order (so a chunk is compact and prunes together),
+        # the shards taken in turn, so every worker has home searches from the start
+        order = np.lexsort((np.argsort(hilbert_order(scaled_q, self._box_lo, self._box_hi)), home))
+        per_home = []
+        for h in range(self.shards):
+            rows_h = order[home[order] == h]
+            per_home.append([(rows_h[s:s + self.chunk_size], h) for s in range(0, rows_h.size, self.chunk_size)])
+        chunks = [c for turn in itertools.zip_longest(*per_home) for c in turn if c is not None]
+
+        def submit(rows, h, pin):
+            """The chunk's home task and its other-shard tasks, pinned by ``pin`` (shard -> worker
+            options); returns (other shards, home future, other futures)."""
+            if query_coords is not None:
+                spec = {"factors": self._u_problem.factors_at(xq[rows])}
+            else:
+                spec = {"ids": ids[rows]}
+            top_limit = self.n if not predecessor else int(ids[rows].max())
+            chunk = self.client.submit(search_home, self._futures[h], k, self.n, predecessor,
+                                       threads=self._shard_threads[h], pure=True, **spec, **pin(h))
+            others = [s for s in range(self.shards) if s != h and self._first[s] < top_limit]
+            parts = [self.client.submit(search_other, self._futures[s], chunk, k, self._shard_threads[s], pure=True,
+                                        **pin(s)) for s in others]
+            return others, chunk, parts
+
+        if not compute:
+            # every chunk in flight; loosely pinned, so Dask itself reruns what a lost worker held
+            lazy = []
+            for rows, h in chunks:
+                _, chunk, parts = submit(rows, h, self._loose_pin)
+                lazy.append((rows, self.client.submit(merge, k, chunk, parts, pure=True)))
+            return DistributedResult(*_lazy_result(lazy, q, k), DistributedTelemetry(shards=self.shards))
         out_idx = np.empty((q, k), dtype=np.int64)
         out_dist = np.empty((q, k))
         tel = DistributedTelemetry(shards=self.shards, evaluations=[0] * self.shards)
-        # chunks: by home shard, Hilbert order inside (so a chunk is compact and prunes together)
-        order = np.lexsort((np.argsort(hilbert_order(scaled_q, self._box_lo, self._box_hi)), home))
-        if not compute:
-            window = None  # every chunk in flight: the dask arrays hold them all
-        lazy = []
-        pending: deque = deque()
-        for h in range(self.shards):
-            rows_h = order[home[order] == h]
-            for start in range(0, rows_h.size, self.chunk_size):
-                rows = rows_h[start:start + self.chunk_size]
-                if query_coords is not None:
-                    spec = {"factors": self._u_problem.factors_at(xq[rows])}
-                else:
-                    spec = {"ids": ids[rows]}
-                top_limit = self.n if not predecessor else int(ids[rows].max())
-                chunk = self.client.submit(search_home, self._futures[h], k, self.n, predecessor, pure=True, **spec)
-                others = [s for s in range(self.shards) if s != h and self._first[s] < top_limit]
-                parts = [self.client.submit(search_other, self._futures[s], chunk, k, pure=True) for s in others]
-                if not compute:
-                    lazy.append((rows, self.client.submit(merge, k, chunk, parts, pure=True)))
-                    continue
-                pending.append((rows, h, others, chunk, parts))
-                if len(pending) >= window:
-                    self._collect(pending.popleft(), k, out_idx, out_dist, tel)
-        while pending:
-            self._collect(pending.popleft(), k, out_idx, out_dist, tel)
-        if not compute:
-            return DistributedResult(*_lazy_result(lazy, q, k), tel)
-        return DistributedResult(out_idx, out_dist, tel)
+        done = np.zeros(len(chunks), dtype=np.bool_)
+        for _ in range(LOST_WORKER_RETRIES + 1):
+            # tasks pinned strictly to the worker holding their shard: work stealing would move a
+            # task to an idle worker, which then rebuilds the shard (seconds, and a second copy)
+            pending: deque = deque()
+            try:
+                holders = self._holders()
+                pin = lambda s, holders=holders: {"workers": [holders[s]], "allow_other_workers": False}
+                for c, (rows, h) in enumerate(chunks):
+                    if done[c]:
+                        continue
+                    pending.append((c, rows, h, *submit(rows, h, pin)))
+                    if len(pending) >= window:
+                        self._collect(pending.popleft(), k, out_idx, out_dist, tel, holders, done)
+                while pending:
+                    self._collect(pending.popleft(), k, out_idx, out_dist, tel, holders, done)
+                return DistributedResult(out_idx, out_dist, tel)
+            except _ShardLost:
+                tel.reruns += 1
+                self.client.cancel([f for item in pending for f in (item[4], *item[5])])
+        raise ResidualGPUError(f"workers holding shards were lost {LOST_WORKER_RETRIES + 1} times during one query; "
+                               "no partial result is returned")
 
-    def _collect(self, item, k, out_idx, out_dist, tel: DistributedTelemetry) -> None:
-        rows, h, others, chunk_f, part_fs = item
-        chunk, *parts = self.client.gather([chunk_f, *part_fs])
+    @staticmethod
+    def _loose_pin(s: int) -> dict:
+        return {}
+
+    def _holders(self) -> list[str]:
+        """Per shard, a worker holding it now (after Dask has rebuilt the shards of a lost worker)."""
+        for fut in self._futures:
+            fut.exception()  # wait for a rebuild, leaving the shard on its worker
+        who = self.client.who_has(self._futures)
+        holders = []
+        for s, fut in enumerate(self._futures):
+            have = sorted(who.get(fut.key, ()))
+            if not have:  # lost again between the wait and now: let the caller retry
+                raise _ShardLost
+            mine = self.workers[s % len(self.workers)]
+            holders.append(mine if mine in have else have[0])
+        return holders
+
+    def _plan(self, home: np.ndarray, ids: np.ndarray | None, predecessor: bool) -> None:
+        """Before the chunks go out, tell each shard's method="auto" the candidate pairs of the
+        chunks it is home to (tasks.plan), so that it decides (estimate, tree) once for the whole
+        batch instead of answering its first chunks by brute force; the other shards' searches,
+        pruned by bound and floor, are not counted."""
+        futures = []
+        for s, rows in enumerate(self.shard_rows):
+            mine = home == s
+            if predecessor:
+                pairs = int(np.searchsorted(rows, ids[mine]).sum())
+            else:
+                pairs = int(np.count_nonzero(mine)) * rows.size
+            if pairs:
+                futures.append(self.client.submit(plan, self._futures[s], pairs, self._shard_threads[s], pure=False))
+        self.client.gather(futures)
+
+    def _collect(self, item, k, out_idx, out_dist, tel: DistributedTelemetry, holders, done) -> None:
+        """Wait for one chunk's tasks and merge them into the output; raises _ShardLost when a
+        worker they are pinned to has gone (its tasks would wait for it forever)."""
+        c, rows, h, others, chunk_f, part_fs = item
+        futures = [chunk_f, *part_fs]
+        used = {holders[s] for s in (h, *others)}
+        results = []
+        for fut in futures:  # result(timeout): a finished task's data may still be on a lost worker
+            while True:
+                try:
+                    results.append(fut.result(timeout=LOST_WORKER_POLL_S))
+                    break
+                except TimeoutError:
+                    if not used <= set(self.client.scheduler_info(n_workers=-1)["workers"]):
+                        raise _ShardLost from None
+        chunk, *parts = results
         out_idx[rows], out_dist[rows] = merge(k, chunk, parts)
         tel.chunks += 1
         tel.home.append(h)
@@ -243,8 +335,12 @@ class DistributedIndex:
         tel.pairs_sent += rows.size * len(parts)
         tel.pairs_searched += sum(int(p.rows.size) for p in parts)
         tel.evaluations[h] += chunk.evaluations
+        tel.methods[chunk.method] = tel.methods.get(chunk.method, 0) + 1
         for s, part in zip(others, parts):
             tel.evaluations[s] += part.evaluations
+            if part.method:  # a part the bound pruned whole ran no search
+                tel.methods[part.method] = tel.methods.get(part.method, 0) + 1
+        done[c] = True
 
     def close(self) -> None:
         """Release the shards on the workers."""
