@@ -1,6 +1,8 @@
 """The `scale` suite on a LocalCluster against the single process, in one run (docs/benchmarks.md).
 
-    PYTHONPATH=. python scripts/distributed_bench.py --n 262144 --queries 4096 --shards 2 --shards 64
+    PYTHONPATH=. python scripts/distributed_bench.py --n 262144 --queries 65536 --shards 2 --shards 64
+
+``--method`` (default auto) is the shards' method; the single process always runs auto.
 
 Queries: a seeded sample (``default_rng(0).choice(n, queries, replace=False)``, sorted) in the
 suite's predecessor mode. The single process runs in its own process (its peak RSS is its
@@ -40,7 +42,7 @@ def _single(n: int, queries: np.ndarray, out) -> None:
         json.dump({"build_s": t1 - t0, "query_s": t2 - t1, "peak_rss": _peak_rss_bytes(), "method": res.telemetry.method}, fh)
 
 
-def _distributed(n: int, queries: np.ndarray, shards: int, workers: int) -> dict:
+def _distributed(n: int, queries: np.ndarray, shards: int, workers: int, method: str) -> dict:
     from distributed import Client, LocalCluster
 
     import residual_gpu.distributed as rgd
@@ -50,7 +52,7 @@ def _distributed(n: int, queries: np.ndarray, shards: int, workers: int) -> dict
           Client(cluster) as client):
         t0 = time.perf_counter()
         index = rgd.DistributedIndex(case.coords, case.kernel, case.inducing, client=client, shards=shards,
-                                     seed=case.seed)
+                                     seed=case.seed, method=method)
         t1 = time.perf_counter()
         res = index.query(case.k, queries=queries, predecessor=True)
         t2 = time.perf_counter()
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=4096)
     ap.add_argument("--shards", type=int, action="append")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--method", default="auto", choices=["auto", "brute", "tree"])
     args = ap.parse_args()
     shards = args.shards or [args.workers]
     queries = np.sort(np.random.default_rng(0).choice(args.n, args.queries, replace=False))
@@ -90,7 +93,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     total = single["build_s"] + single["query_s"]
     for p in shards:
-        r = _distributed(args.n, queries, p, args.workers)
+        r = _distributed(args.n, queries, p, args.workers, args.method)
         same = np.array_equal(r["indices"], ref_idx) and np.array_equal(r["distances"], ref_dist)
         ev = np.asarray(r["evaluations"], dtype=np.float64)
         rss = max(r["worker_peak_rss"])

@@ -544,6 +544,26 @@ def test_auto_decides_once_many_small_queries_add_up(monkeypatch):
     same_as_brute(problem, third, 10, queries=batch + 2)
 
 
+def test_auto_expect_counts_pairs_before_the_queries_come(monkeypatch):
+    """expect(pairs): the queries a caller is about to send in small calls count at once, so the
+    first of them already uses the decided method; fewer pairs than the threshold stay undecided."""
+    import residual_gpu.index as index_module
+
+    monkeypatch.setattr(index_module, "AUTO_BUILD_PAIRS", 10)  # decide at 10 x 10 x 6000 = 6e5 pairs
+    x = np.random.default_rng(1).random((6000, 2))
+    problem = rg.ResidualProblem(x, kernel=rg.Matern52(lengthscale=0.02), inducing=64, seed=0)
+    index = rg.ResidualIndex(problem, backend="cpu", method="auto")
+    assert index.expect(100_000) == "brute" and index.tree is None
+    assert index.expect(600_000) == "tree" and index.tree is not None
+    batch = np.arange(0, 6000, 150)
+    res = index.query(10, queries=batch)
+    assert res.telemetry.method == "tree"
+    same_as_brute(problem, res, 10, queries=batch)
+    with pytest.raises(rg.InvalidArgumentError, match=r"pairs must be in \[0, .*\], got pairs=-1"):
+        index.expect(-1)
+    assert rg.ResidualIndex(problem, backend="cpu", method="brute").expect(10**12) == "brute"
+
+
 def test_auto_small_problems_use_brute_force_and_bad_methods_are_rejected():
     problem = make_problem(0, 100, 2, rg.Matern52(lengthscale=0.1), 10)
     assert rg.ResidualIndex(problem, backend="cpu").method == "brute"
