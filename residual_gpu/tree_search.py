@@ -32,11 +32,10 @@ import time
 import numpy as np
 import scipy.linalg
 from numba import njit, parallel_chunksize, prange
-from threadpoolctl import threadpool_limits
 
 from ._numba_math import accurate_abs_rho, correlation, row_norms
 from .backends.base import Candidates, QueryBatch
-from .backends.cpu import _abs_rho_row, _heap_push, _sift_down
+from .backends.cpu import _abs_rho_row, _heap_push, _sift_down, single_blas_thread
 from .certify import floor_thresholds
 from .hilbert import hilbert_order
 from .precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
@@ -860,7 +859,7 @@ class TreeSearcher:
         counters = np.zeros((ntiles, NCOUNTERS), dtype=np.int64)
         tr = self.tree
         if q:
-            with threadpool_limits(1, user_api="blas"), parallel_chunksize(1):
+            with single_blas_thread(), parallel_chunksize(1):
                 _traverse(self.metric, self.kernel_id, self.variance, self.kerr, self.eps_d, self.gam, self.tnorm,
                           self.tile_size, self.pop_batch, self.blk_cap, tr.node_start, tr.node_end, tr.node_left, tr.node_right,
                           tr.node_lo, tr.node_hi, tr.node_min, tr.node_ymin, tr.node_ymax,

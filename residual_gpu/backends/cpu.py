@@ -10,15 +10,31 @@ tile of G at a time, so memory is O(threads x tile) whatever n is.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg  # noqa: F401 (Numba's np.dot calls scipy's BLAS: loaded before _blas_controller looks)
 from numba import njit, prange
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .._numba_math import _EXP32_MIN, _SQRT3, _SQRT5, exp32_nonpositive_inplace, exp_nonpositive_inplace
 from .base import Backend, Candidates, QueryBatch
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The BLAS libraries loaded with numpy and scipy, found once."""
+    return ThreadpoolController()
+
+
+def single_blas_thread():
+    """A context in which BLAS runs on one thread (Numba's threads run the GEMMs side by side):
+    threadpoolctl's limit through one cached controller, since ``threadpool_limits`` scans the
+    process's libraries again on every call (~1 ms, paid per search call)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
 
 #: queries per thread task and candidates per GEMM: a (128 x 1024) float64 tile of G is 1 MiB;
 #: float32 takes twice the queries in the same MiB, which halves how often each candidate tile
@@ -331,7 +347,7 @@ class CpuBackend(Backend):
         evaluations = np.zeros(q, dtype=np.int64)
         # Parallelism is across query tiles, each with a single-threaded GEMM: BLAS threads
         # and Numba threads would otherwise take turns (and spin against each other).
-        with threadpool_limits(1, user_api="blas"):
+        with single_blas_thread():
             _select(prepared.kernel_id, prepared.variance, batch.coords, prepared.inv_scale,
                     1.0 / np.sqrt(batch.p), batch.self_index, batch.limit, batch.v, prepared.xt, prepared.v,
                     prepared.inv_sqrt_p, QUERY_TILE if prepared.v.dtype == np.float64 else QUERY_TILE_FLOAT32,
