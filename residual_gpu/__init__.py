@@ -18,6 +18,7 @@ from .errors import (
 from .index import KnnResult, ResidualIndex, residual_knn
 from .kernels import RBF, Kernel, Matern12, Matern32, Matern52
 from .problem import ResidualProblem
+from .tree_search import TraversalFlags
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "ResidualGPUError",
     "ResidualIndex",
     "ResidualProblem",
+    "TraversalFlags",
     "__version__",
     "available_backends",
     "get_backend",

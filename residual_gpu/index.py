@@ -45,7 +45,7 @@ from .problem import ProblemView, ResidualProblem
 from .search import exact_knn, initial_keep
 from .telemetry import Telemetry
 from .tree import DEFAULT_LEAF_SIZE, SearchTree, arrays_digest, build_tree
-from .tree_search import DEFAULT_TILE_SIZE, POP_BATCH, TreeSearcher
+from .tree_search import DEFAULT_TILE_SIZE, POP_BATCH, TraversalFlags, TreeSearcher
 
 METHODS = ("auto", "brute", "tree")
 #: ``method="auto"``: below this many points brute force always wins
@@ -139,13 +139,15 @@ class ResidualIndex:
     The tree (method "tree") is built here, with ``leaf_size`` points per leaf, and searched in
     tiles of ``tile_size`` queries (docs/tree.md). Leaf size, tile size and precision default to
     the ``preset``'s: "default", or "parity", the Rust oracle's reference mode, for method "tree"
-    only. ``leaf_precision`` is the deprecated name of ``precision``.
+    only. ``leaf_precision`` is the deprecated name of ``precision``. ``traversal``: the tree
+    traversal's scheduling flags (``residual_gpu.TraversalFlags``; default all off), which change
+    the work, never the answers.
     """
 
     def __init__(self, problem: ResidualProblem, backend: str = "auto", method: str = "auto", *,
                  leaf_size: int | None = None, tile_size: int | None = None, preset: str = "default",
                  precision: str | None = None, leaf_precision: str | None = None, progress: bool | None = None,
-                 _tree=None):
+                 traversal: TraversalFlags | None = None, _tree=None):
         if not isinstance(problem, ResidualProblem):
             raise InvalidTypeError(f"problem must be a ResidualProblem, got problem={_describe(problem)}")
         if not isinstance(method, str):
@@ -158,6 +160,11 @@ class ResidualIndex:
             raise InvalidArgumentError(f"preset={preset!r} configures the tree: it needs method='tree', got method={method!r}")
         self.preset = preset
         self._options = PRESETS[preset]
+        if traversal is not None and not isinstance(traversal, TraversalFlags):
+            raise InvalidTypeError(f"traversal must be a residual_gpu.TraversalFlags, got traversal={_describe(traversal)}")
+        if traversal is not None and traversal != TraversalFlags() and self._options["sequential"]:
+            raise InvalidArgumentError(f"preset={preset!r} fixes the traversal (the Rust oracle's), got traversal={traversal!r}")
+        self.traversal = TraversalFlags() if traversal is None else traversal
         self.leaf_size = as_int(self._options["leaf_size"] if leaf_size is None else leaf_size, "leaf_size", low=1)
         self.tile_size = as_int(self._options["tile_size"] if tile_size is None else tile_size, "tile_size", low=1)
         if leaf_precision is not None:
@@ -216,7 +223,7 @@ class ResidualIndex:
             tree = build_tree(problem, self.leaf_size, sequential=self._options["sequential"], layout=self.tree)
         return ResidualIndex(problem, backend=self._requested["backend"], method=method, leaf_size=self.leaf_size,
                              tile_size=self.tile_size, preset=self.preset, precision=self._requested["precision"],
-                             _tree=tree)
+                             traversal=self.traversal, _tree=tree)
 
     @property
     def method(self) -> str:
@@ -239,7 +246,8 @@ class ResidualIndex:
         t0 = time.perf_counter()
         self._searcher = TreeSearcher(tree, prob.coords, prob.lengthscales, prob.v, prob.p, prob.kernel,
                                       tile_size=self.tile_size, pop_batch=self._options["pop_batch"],
-                                      sequential=self._options["sequential"], leaf_precision=self.precision)
+                                      sequential=self._options["sequential"], leaf_precision=self.precision,
+                                      flags=self.traversal)
         # V, coordinates and 1/sqrt(p) copied into tree order
         self.build_seconds_by_phase["tree_layout"] = time.perf_counter() - t0
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -37,6 +38,7 @@ from ._numba_math import accurate_abs_rho, correlation, row_norms
 from .backends.base import Candidates, QueryBatch
 from .backends.cpu import _abs_rho_row, _heap_push, _sift_down, single_blas_thread
 from .certify import floor_thresholds
+from .errors import InvalidArgumentError
 from .hilbert import hilbert_order
 from .precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
 
@@ -486,7 +488,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                    pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
                    qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
                    heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-                   qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod):
+                   qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound):
     """One tile of queries: rows [tile * tile_size, ...) of the query arrays (see the module docstring)."""
     q = qx.shape[0]
     d = qx.shape[1]
@@ -623,7 +625,13 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                 slot = free[nfree]
                 for i in range(nt):
                     pool[slot, i] = ub[i]
-                key = _box_key(tlo, thi, node_lo[nd], node_hi[nd], inv_scale)
+                if order_by_bound:  # TraversalFlags.order: the largest bound of an alive row first
+                    key = -np.inf
+                    for i in range(nt):
+                        key = max(key, ub[i])
+                    key = -key
+                else:
+                    key = _box_key(tlo, thi, node_lo[nd], node_hi[nd], inv_scale)
                 _fr_push(fk, fs, fn, fslot, fsize, key, node_end[nd] - node_start[nd], nd, slot)
                 fsize += 1
             ne = 0
@@ -710,7 +718,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
               pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
               qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
               heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-              qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod):
+              qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound):
     """All tiles, one Numba task each (dynamic scheduling: tiles differ in cost)."""
     ntiles = (qx.shape[0] + tile_size - 1) // tile_size
     for tile in prange(ntiles):
@@ -720,7 +728,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
                        pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
                        qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
                        heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-                       qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod)
+                       qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -735,12 +743,31 @@ def _gather_rows(src, rows, out):
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TraversalFlags:
+    """The traversal's scheduling choices (issue #13's heuristics), each off by default until a
+    benchmark shows it winning (docs/benchmarks.md, "Traversal flags"). None changes an answer:
+    every drop is still a proven bound, and certification is unchanged; the tests check the
+    bits with each flag on.
+
+    order: the frontier's key: "box" (scaled squared distance between the tile's and the node's
+    coordinate boxes, then node size and id) or "bound" (the node's largest bound over the
+    tile's alive rows first, then node size and id).
+    """
+
+    order: str = "box"
+
+    def __post_init__(self):
+        if self.order not in ("box", "bound"):
+            raise InvalidArgumentError(f"TraversalFlags.order must be 'box' or 'bound', got order={self.order!r}")
+
+
 class TreeSearcher:
     """A SearchTree bound to its problem's arrays (in tree order), ready to answer selects."""
 
     def __init__(self, tree, coords, lengthscales=None, v=None, p=None, kernel=None,
                  tile_size: int = DEFAULT_TILE_SIZE, pop_batch: int = POP_BATCH, sequential: bool = False,
-                 leaf_precision: str = "float64"):
+                 leaf_precision: str = "float64", flags: TraversalFlags | None = None):
         """``sequential``: the parity preset's arithmetic (docs/tree.md, "Parity preset"): fixed-order
         loops instead of BLAS for the query factors and bound products, accurate (Dot2) block
         values, so that the Rust oracle reproduces every counter bit for bit. Slower.
@@ -752,6 +779,7 @@ class TreeSearcher:
         if leaf_precision not in ("float64", "float32"):
             raise ValueError(f"leaf_precision must be 'float64' or 'float32', got {leaf_precision!r}")
         self.tree = tree
+        self.flags = TraversalFlags() if flags is None else flags
         self.sequential = bool(sequential)
         self.metric = 0 if tree.metric == "residual" else 1
         self.tile_size = int(tile_size)
@@ -867,7 +895,7 @@ class TreeSearcher:
                           self.didx, self.dxt, self.dip, self.dv, self.inv_scale, qx_o, qv_o, qip_o, qrn_o,
                           qna_o, qmarg_o, qfloor_o, qself_o, qlim_o, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
                           counters, self.sequential, qp_o, self.pp, self.dp, self.scale, qv_fast, self.pv_fast, qa_fast,
-                          self.mid_fast, self.rad_fast, self.gam_prod)
+                          self.mid_fast, self.rad_fast, self.gam_prod, self.flags.order == "bound")
         inv = np.empty(q, dtype=np.int64)
         inv[order] = np.arange(q)
         totals = {name: int(counters[:, c].max() if name in ("frontier_max", "block_pairs_max") else counters[:, c].sum())
