@@ -167,6 +167,23 @@ def test_killed_worker_gives_the_same_answer(client):
     index.close()
 
 
+def test_other_backends_on_the_workers(client):
+    """backend= reaches every shard's problem build and search: JAX (on the CPU here) gives the
+    single process's bits, as the cpu backend does."""
+    usable, reason = rg.available_backends()["jax"]
+    if not usable:
+        pytest.skip(f"backend 'jax' unavailable: {reason}")
+    x = np.random.default_rng(5).random((900, 2))
+    kern = rg.Matern52(lengthscale=0.1)
+    want = rg.ResidualIndex(rg.ResidualProblem(x, kernel=kern, inducing=20, seed=0), backend="cpu",
+                            method="brute").query(7, predecessor=True)
+    index = bounded(rgd.DistributedIndex, x, kern, 20, client=client, shards=3, backend="jax", method="brute")
+    backends = client.gather([client.submit(lambda s: s.index.backend, f, pure=False) for f in index._futures])
+    assert backends == ["jax"] * 3
+    assert_same(bounded(index.query, 7, predecessor=True), want)
+    index.close()
+
+
 def test_bad_input(client):
     x = np.random.default_rng(0).random((50, 2))
     x_copy = x.copy()
