@@ -284,7 +284,9 @@ class DistributedIndex:
     def _holders(self) -> list[str]:
         """Per shard, a worker holding it now (after Dask has rebuilt the shards of a lost worker)."""
         for fut in self._futures:
-            fut.exception()  # wait for a rebuild, leaving the shard on its worker
+            exc = fut.exception()  # wait for a rebuild, leaving the shard on its worker
+            if exc is not None:
+                raise exc  # Dask gave up on the shard (KilledWorker, or the build's own error)
         who = self.client.who_has(self._futures)
         holders = []
         for s, fut in enumerate(self._futures):
