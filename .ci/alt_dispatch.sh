@@ -36,5 +36,5 @@ print("numpy SIMD in use:", [f for f in m.__cpu_dispatch__ if m.__cpu_features__
 EOF
 python -m pytest -q tests/test_parity.py tests/test_brute.py tests/test_tree.py tests/test_rust_oracle.py \
     tests/test_precision.py tests/test_comparison_helper.py tests/test_determinism.py tests/test_properties.py \
-    tests/test_float32.py tests/test_build.py \
+    tests/test_float32.py tests/test_build.py tests/test_query_from_factors.py tests/test_traversal_flags.py \
     tests/test_cuda_backend.py "$@"
