@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._linalg import cholesky_lower, cross_factors
+from ._linalg import cholesky_lower
 from ._numba_math import row_norms
 from ._validation import as_float_matrix, as_float_vector, as_int, check_scaled_spread
 from .backends import get_backend
@@ -85,7 +85,7 @@ class ResidualProblem:
                  inducing_method: str = "kmeans++", backend: str | None = None):
         x = as_float_matrix(coords, "coords")
         self._init_geometry(x, kernel, jitter, p_floor)
-        self._factor_backend = get_backend(backend) if backend is not None else None
+        self._factor_backend = get_backend("cpu" if backend is None else backend)  # builds V; None: the host
         n = x.shape[0]
         self.seed = as_int(seed, "seed", low=0)
         if inducing_method not in INDUCING_METHODS:
@@ -139,7 +139,7 @@ class ResidualProblem:
         p must be > 0; it is used as given (no floor is applied to user factors).
         """
         self = cls.__new__(cls)
-        self._factor_backend = None
+        self._factor_backend = get_backend("cpu")  # new locations' factors, on the host
         x = as_float_matrix(coords, "coords")
         self._init_geometry(x, kernel, jitter, p_floor)
         vv = as_float_matrix(v, "v")
@@ -216,8 +216,6 @@ class ResidualProblem:
         """(V, p, ||V_i||) of coordinates x, V = (L^-1 K(U, x))^T: each row the same bits whatever
         the other rows, their number or the thread count (_linalg.cross_factors). The one path
         of the problem's factors and those of new locations."""
-        if self._factor_backend is None:  # the host
-            return cross_factors(self._chol, self.inducing, x, self.kernel, self.p_floor)
         return self._factor_backend.cross_factors(self._chol, self.inducing, x, self.kernel, self.p_floor)
 
     def _build_factors(self):
