@@ -36,7 +36,9 @@ static_assert((RG_SELECT_BLOCK & (RG_SELECT_BLOCK - 1)) == 0 && RG_SELECT_BLOCK 
 
 #define RG_SQRT3 1.7320508075688772  /* math.sqrt(3.0), as residual_gpu._numba_math._SQRT3 */
 #define RG_SQRT5 2.23606797749979    /* math.sqrt(5.0) */
-#define RG_EXP32_CLAMP 87.0f         /* -residual_gpu._numba_math._EXP32_MIN */
+#ifndef RG_EXP32_CLAMP  /* -residual_gpu._numba_math._EXP32_MIN, passed by backends.cuda.select_options */
+#error "compile with -DRG_EXP32_CLAMP=<float>f (residual_gpu.backends.cuda.select_options)"
+#endif
 
 // Sentinels: every a is in [0, 1] (fabs, then the clamp, which also sends NaN to 1), so a
 // threshold of -2 admits everything and +2 admits nothing.

@@ -248,7 +248,7 @@ def test_kernels_compile_with_nvrtc():
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12 to run this check without CuPy)")
     check_nvrtc(lib, cuda_backend.FACTORS_FILE, list(cuda_backend.FACTORS_OPTIONS), ["residual_cross_factors"])
     for block in (cuda_backend.SELECT_BLOCK, 32):
-        check_nvrtc(lib, cuda_backend.KERNEL_FILE, [f"-DRG_SELECT_BLOCK={block}"],
+        check_nvrtc(lib, cuda_backend.KERNEL_FILE, list(cuda_backend.select_options(block)),
                     ["residual_select_tile", "residual_select_tile_f32", "residual_abs_rho_dense",
                      "residual_abs_rho_dense_f32"])
 
@@ -424,7 +424,7 @@ def emulation_library(tmp_path_factory):
             out = folder / f"residual_select_{block}.so"
             # -ffp-contract=off: as NVRTC's --fmad=false for residual_factors.cu (no FMA contraction)
             cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
-                   "-Wno-unused-function", f"-DRG_SELECT_BLOCK={block}", f"-I{ROOT / 'kernels'}",
+                   "-Wno-unused-function", *cuda_backend.select_options(block), f"-I{ROOT / 'kernels'}",
                    str(folder / "emulation.cpp"), "-o", str(out)]
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
             if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
