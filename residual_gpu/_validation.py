@@ -29,6 +29,12 @@ def _describe(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def require_real(arr: np.ndarray, name: str) -> None:
+    """InvalidTypeError unless the array holds real numbers (floats or integers, not bools)."""
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidTypeError(f"{name} must hold real numbers, got {name}.dtype={arr.dtype}")
+
+
 def as_float_matrix(value, name: str, *, ncols: int | None = None, min_rows: int = 1) -> np.ndarray:
     """A C-contiguous float64 copy of a 2-D finite real array.
 
@@ -42,8 +48,7 @@ def as_float_matrix(value, name: str, *, ncols: int | None = None, min_rows: int
         arr = np.asarray(host)
     except Exception as exc:  # ragged lists, dtypes numpy lacks (bfloat16) and the like
         raise InvalidTypeError(f"{name} must be a 2-D array of real numbers, got {_describe(value)}") from exc
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise InvalidTypeError(f"{name} must hold real numbers, got {name}.dtype={arr.dtype}")
+    require_real(arr, name)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
@@ -71,8 +76,7 @@ def as_float_vector(value, name: str, *, length: int | None = None, positive: bo
         arr = np.asarray(host)
     except Exception as exc:
         raise InvalidTypeError(f"{name} must be a 1-D array of real numbers, got {_describe(value)}") from exc
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise InvalidTypeError(f"{name} must hold real numbers, got {name}.dtype={arr.dtype}")
+    require_real(arr, name)
     if arr.ndim != 1:
         raise InvalidArgumentError(f"{name} must be 1-D, got {name}.shape={arr.shape}")
     if length is not None and arr.shape[0] != length:

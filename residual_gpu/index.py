@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import search, sparse
 from ._arrays import result_converter, to_host
 from ._numba_math import row_norms
-from ._validation import _describe, as_float_matrix, as_float_vector, as_index_array, as_int
+from ._validation import _describe, as_float_matrix, as_float_vector, as_index_array, as_int, require_real
 from .backends import QueryBatch, get_backend
 from .brute import BruteSelect
 from .errors import IndexFormatError, InvalidArgumentError, InvalidTypeError, ResidualGPUError
@@ -543,11 +543,16 @@ class ResidualIndex:
         return f"ResidualIndex({self.problem!r}, backend={self.backend!r}, method={method!r})"
 
 
+def _one_per_query(arr: np.ndarray, name: str, q: int) -> None:
+    """InvalidArgumentError unless ``arr`` is 1-D with q entries (query_from_factors' per-query arguments)."""
+    if arr.ndim != 1 or arr.shape[0] != q:
+        raise InvalidArgumentError(f"{name} must be 1-D with one entry per query (q={q}), got {name}.shape={arr.shape}")
+
+
 def _per_query(value, name: str, q: int, low: int, high: int) -> np.ndarray:
     """A fresh int64 array of q values in [low, high] (query_from_factors' self_index and limit)."""
     arr = np.asarray(value)
-    if arr.ndim != 1 or arr.shape[0] != q:
-        raise InvalidArgumentError(f"{name} must be 1-D with one entry per query (q={q}), got {name}.shape={arr.shape}")
+    _one_per_query(arr, name, q)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise InvalidTypeError(f"{name} must hold integers, got {name}.dtype={arr.dtype}")
     out = np.array(arr, dtype=np.int64, copy=True)
@@ -561,10 +566,8 @@ def _per_query(value, name: str, q: int, low: int, high: int) -> np.ndarray:
 def _distance_floor(value, q: int) -> np.ndarray:
     """A fresh float64 array of q distance floors, each >= 0 or inf (query_from_factors' floor)."""
     arr = np.asarray(to_host(value)[0])
-    if arr.ndim != 1 or arr.shape[0] != q:
-        raise InvalidArgumentError(f"floor must be 1-D with one entry per query (q={q}), got floor.shape={arr.shape}")
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise InvalidTypeError(f"floor must hold real numbers, got floor.dtype={arr.dtype}")
+    _one_per_query(arr, "floor", q)
+    require_real(arr, "floor")
     out = np.array(arr, dtype=np.float64, copy=True)
     bad = np.isnan(out) | (out < 0)
     if np.any(bad):

@@ -26,7 +26,7 @@ def test_flags_keep_the_answers_bitwise(flags, precision, d, kernel, ls, m):
     rng = np.random.default_rng(d)
     ids = rng.choice(problem.n, 60, replace=False)
     xq = rng.random((25, d))
-    runs = [dict(predecessor=True), dict(queries=ids), dict(query_coords=xq)]
+    runs = [{"predecessor": True}, {"queries": ids}, {"query_coords": xq}]
     for kw in runs:
         want, got = base.query(9, **kw), flagged.query(9, **kw)
         np.testing.assert_array_equal(got.indices, want.indices)

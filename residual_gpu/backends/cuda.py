@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .._numba_math import _EXP32_MIN
 from ..errors import BackendUnavailableError
 from .base import Backend, Candidates, QueryBatch
 
@@ -44,13 +43,6 @@ TILE_ELEMENTS = 1 << 24
 MAX_CANDIDATE_TILE = 1 << 16
 #: Threads per block of the select kernel (passed to NVRTC as -DRG_SELECT_BLOCK).
 SELECT_BLOCK = 256
-def select_options(block: int = SELECT_BLOCK) -> tuple[str, ...]:
-    """NVRTC's options for residual_select.cu: the block size, and the float32 correlation's
-    clamp from the host's own constant (-_numba_math._EXP32_MIN), so the device cannot drift
-    from the CPU's _corr32."""
-    return (f"-DRG_SELECT_BLOCK={int(block)}", f"-DRG_EXP32_CLAMP={float(-_EXP32_MIN)!r}f")
-
-
 #: Threads per block of the dense kernel.
 DENSE_BLOCK = 256
 #: Largest keep whose heap (16 bytes per entry) is staged in dynamic shared memory.
@@ -168,6 +160,15 @@ def candidate_tile_width(rows: int) -> int:
     width = TILE_ELEMENTS // max(rows, 1)
     width = max(SELECT_BLOCK, min(MAX_CANDIDATE_TILE, width))
     return width // SELECT_BLOCK * SELECT_BLOCK
+
+
+def select_options(block: int = SELECT_BLOCK) -> tuple[str, ...]:
+    """NVRTC's options for residual_select.cu: the block size, and the float32 correlation's
+    clamp from the host's own constant (-_numba_math._EXP32_MIN), so the device cannot drift
+    from the CPU's _corr32."""
+    from .. import _numba_math as nm
+
+    return (f"-DRG_SELECT_BLOCK={int(block)}", f"-DRG_EXP32_CLAMP={float(-nm._EXP32_MIN)!r}f")
 
 
 def factor_constants() -> np.ndarray:
