@@ -218,8 +218,6 @@ class DistributedIndex:
             k = as_int(k, "k", low=1, high=self.n - 1)
         window = 2 * len(self.workers) if window is None else as_int(window, "window", low=1)
         q = home.size
-        if self.method == "auto":
-            self._plan(home, None if query_coords is not None else ids, predecessor)
         # chunks: per home shard in Hilbert order (so a chunk is compact and prunes together),
         # the shards taken in turn, so every worker has home searches from the start
         order = np.lexsort((np.argsort(hilbert_order(scaled_q, self._box_lo, self._box_hi)), home))
@@ -246,6 +244,8 @@ class DistributedIndex:
 
         if not compute:
             # every chunk in flight; loosely pinned, so Dask itself reruns what a lost worker held
+            if self.method == "auto":
+                self._plan(home, None if query_coords is not None else ids, predecessor, self._loose_pin, None)
             lazy = []
             for rows, h in chunks:
                 _, chunk, parts = submit(rows, h, self._loose_pin)
@@ -262,6 +262,8 @@ class DistributedIndex:
             try:
                 holders = self._holders()
                 pin = lambda s, holders=holders: {"workers": [holders[s]], "allow_other_workers": False}
+                if self.method == "auto":  # again after a loss: a rebuilt shard is undecided
+                    self._plan(home, None if query_coords is not None else ids, predecessor, pin, holders)
                 for c, (rows, h) in enumerate(chunks):
                     if done[c]:
                         continue
@@ -297,12 +299,13 @@ class DistributedIndex:
             holders.append(mine if mine in have else have[0])
         return holders
 
-    def _plan(self, home: np.ndarray, ids: np.ndarray | None, predecessor: bool) -> None:
+    def _plan(self, home: np.ndarray, ids: np.ndarray | None, predecessor: bool, pin, holders) -> None:
         """Before the chunks go out, tell each shard's method="auto" the candidate pairs of the
         chunks it is home to (tasks.plan), so that it decides (estimate, tree) once for the whole
         batch instead of answering its first chunks by brute force; the other shards' searches,
-        pruned by bound and floor, are not counted."""
-        futures = []
+        pruned by bound and floor, are not counted. Pinned by ``pin`` like the searches (a plan
+        may build the shard's tree: seconds, which work stealing would otherwise move)."""
+        futures, used = [], set()
         for s, rows in enumerate(self.shard_rows):
             mine = home == s
             if predecessor:
@@ -310,15 +313,15 @@ class DistributedIndex:
             else:
                 pairs = int(np.count_nonzero(mine)) * rows.size
             if pairs:
-                futures.append(self.client.submit(plan, self._futures[s], pairs, self._shard_threads[s], pure=False))
-        self.client.gather(futures)
+                futures.append(self.client.submit(plan, self._futures[s], pairs, self._shard_threads[s], pure=False,
+                                                  **pin(s)))
+                if holders is not None:
+                    used.add(holders[s])
+        self._results(futures, used)
 
-    def _collect(self, item, k, out_idx, out_dist, tel: DistributedTelemetry, holders, done) -> None:
-        """Wait for one chunk's tasks and merge them into the output; raises _ShardLost when a
-        worker they are pinned to has gone (its tasks would wait for it forever)."""
-        c, rows, h, others, chunk_f, part_fs = item
-        futures = [chunk_f, *part_fs]
-        used = {holders[s] for s in (h, *others)}
+    def _results(self, futures, used: set) -> list:
+        """The futures' results, in order; raises _ShardLost when one of the workers ``used``
+        (those the futures are pinned to) has gone, since such a task would wait for it forever."""
         results = []
         for fut in futures:  # result(timeout): a finished task's data may still be on a lost worker
             while True:
@@ -328,7 +331,12 @@ class DistributedIndex:
                 except TimeoutError:
                     if not used <= set(self.client.scheduler_info(n_workers=-1)["workers"]):
                         raise _ShardLost from None
-        chunk, *parts = results
+        return results
+
+    def _collect(self, item, k, out_idx, out_dist, tel: DistributedTelemetry, holders, done) -> None:
+        """Wait for one chunk's tasks (_results) and merge them into the output."""
+        c, rows, h, others, chunk_f, part_fs = item
+        chunk, *parts = self._results([chunk_f, *part_fs], {holders[s] for s in (h, *others)})
         out_idx[rows], out_dist[rows] = merge(k, chunk, parts)
         tel.chunks += 1
         tel.home.append(h)
