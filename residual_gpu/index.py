@@ -1,7 +1,8 @@
 """Public search API: ResidualIndex, KnnResult and the one-call ``residual_knn``.
 
 ``method="auto"`` rule (docs/tree.md, "Choosing the method"): brute force when the backend
-is not the CPU (the tree's leaf blocks run on the host), when n < AUTO_MIN_N, when the median p
+is not the CPU (the tree runs there through its block schedule, tree_blocks.py, but no device
+benchmark has shown it winning yet), when n < AUTO_MIN_N, when the median p
 is below AUTO_PRECHECK_P of the variance and a tree over AUTO_PRECHECK_N sampled points spends
 at least AUTO_VACUOUS_SHARE of brute force's work (the bounds are vacuous, as on `gold`), or
 when the full tree, tried on AUTO_SAMPLE dataset queries (plain mode, k = AUTO_K), would spend
@@ -248,13 +249,26 @@ class ResidualIndex:
                                       tile_size=self.tile_size, pop_batch=self._options["pop_batch"],
                                       sequential=self._options["sequential"], leaf_precision=self.precision,
                                       flags=self.traversal)
+        if self.schedule == "blocks":
+            from .tree_blocks import BlockSchedule
+
+            self._searcher.schedule = BlockSchedule(self._searcher, self._backend, prob)
         # V, coordinates and 1/sqrt(p) copied into tree order
         self.build_seconds_by_phase["tree_layout"] = time.perf_counter() - t0
+
+    @property
+    def schedule(self) -> str:
+        """How the tree runs its selects: "fused" (the host traversal) or "blocks" (requests to the
+        backend), as ``traversal.schedule`` resolves ("auto": fused on cpu and in the parity preset)."""
+        if self.traversal.schedule != "auto":
+            return self.traversal.schedule
+        return "fused" if self.backend == "cpu" or self._options["sequential"] else "blocks"
 
     def _choose_without_estimate(self) -> str | None:
         """The ``method="auto"`` rules that need no estimate: "brute", or None (undecided)."""
         if self.backend != "cpu":
-            self.auto_reason = f"backend {self.backend!r}: tree leaf blocks run on the host, brute force on the device"
+            self.auto_reason = (f"backend {self.backend!r}: brute force (method='tree' runs there by block requests, "
+                                "but no device benchmark has shown it winning yet)")
             return "brute"
         if self.problem.n < AUTO_MIN_N:
             self.auto_reason = f"n={self.problem.n} < {AUTO_MIN_N}: brute force"

@@ -753,13 +753,22 @@ class TraversalFlags:
     order: the frontier's key: "box" (scaled squared distance between the tile's and the node's
     coordinate boxes, then node size and id) or "bound" (the node's largest bound over the
     tile's alive rows first, then node size and id).
+
+    schedule: "fused" (this module's Numba traversal, on the host: bounds and leaf blocks
+    interleaved per tile), "blocks" (tree_blocks.BlockSchedule: seed, bound and sweep as a few
+    large requests to the index's backend, which computes the blocks), or "auto": fused on the
+    cpu backend and in the parity preset, blocks on every other backend.
     """
 
     order: str = "box"
+    schedule: str = "auto"
 
     def __post_init__(self):
         if self.order not in ("box", "bound"):
             raise InvalidArgumentError(f"TraversalFlags.order must be 'box' or 'bound', got order={self.order!r}")
+        if self.schedule not in ("auto", "fused", "blocks"):
+            raise InvalidArgumentError(f"TraversalFlags.schedule must be 'auto', 'fused' or 'blocks', got "
+                                       f"schedule={self.schedule!r}")
 
 
 class TreeSearcher:
@@ -780,6 +789,8 @@ class TreeSearcher:
             raise ValueError(f"leaf_precision must be 'float64' or 'float32', got {leaf_precision!r}")
         self.tree = tree
         self.flags = TraversalFlags() if flags is None else flags
+        #: a tree_blocks.BlockSchedule that runs the selects instead of the fused traversal, or None
+        self.schedule = None
         self.sequential = bool(sequential)
         self.metric = 0 if tree.metric == "residual" else 1
         self.tile_size = int(tile_size)
@@ -998,7 +1009,8 @@ class TreeSearcher:
             t1 = time.perf_counter()
             sub_margin = margin[tree_rows]
             qfloor = None if sub.floor is None else floor_thresholds(sub.floor, sub_margin)
-            ha, hi, ad, totals = self.run(sub.coords, sub.v, sub.p, sub.self_index, sub.limit, keep,
+            run = self.run if self.schedule is None else self.schedule.run
+            ha, hi, ad, totals = run(sub.coords, sub.v, sub.p, sub.self_index, sub.limit, keep,
                                           qa, qrn, qna, k=k, qmarg=None if k is None else sub_margin, qfloor=qfloor)
             index[tree_rows] = hi
             abs_rho[tree_rows] = ha

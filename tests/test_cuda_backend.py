@@ -632,6 +632,29 @@ def test_gpu_float32_equals_float64(cuda_device):
         assert_float32_equals_float64(problem, 30, "cuda", queries=queries, predecessor=predecessor)
 
 
+def assert_tree_equals_cpu_tree(problem, precision, leaf_size=16):
+    """method="tree" on the cuda backend (the block schedule: its leaf blocks and bound products on the
+    device) returns the fused CPU traversal's indices and distances, bit for bit, for every query kind."""
+    cpu = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=leaf_size, precision=precision)
+    dev = rg.ResidualIndex(problem, backend="cuda", method="tree", leaf_size=leaf_size, precision=precision)
+    assert dev.schedule == "blocks"
+    rng = np.random.default_rng(7)
+    for kw in ({"predecessor": True}, {"queries": rng.choice(problem.n, 30, replace=False)},
+               {"query_coords": rng.random((12, problem.d))}):
+        want, got = cpu.query(6, **kw), dev.query(6, **kw)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.distances, want.distances)
+        assert got.telemetry.backend == "cuda" and got.telemetry.tree_queries == want.telemetry.tree_queries
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_emulated_tree_equals_the_cpu_tree(emulated, precision):
+    problem = make_problem(7, 260, 2, rg.Matern32(lengthscale=0.1, variance=1.3), 16, duplicates=10)
+    assert_tree_equals_cpu_tree(problem, precision)
+    names = {name for name, *_ in emulated.launches}
+    assert names & {"residual_abs_rho_dense", "residual_abs_rho_dense_f32"}
+
+
 def test_emulated_keep_zero_and_no_candidates(emulated):
     """keep = 0 keeps nothing and drops everything; queries with limit 0 evaluate nothing."""
     problem = make_problem(2, 50, 2, rg.RBF(lengthscale=0.3), 6)
@@ -738,3 +761,10 @@ def test_gpu_abs_rho_tile_matches_cpu(cuda_device):
     compare_abs_rho_tile_with_cpu()
     for kernel_cls in (rg.RBF, rg.Matern12, rg.Matern32, rg.Matern52):
         compare_abs_rho_tile_with_cpu(np.float32, kernel_cls(lengthscale=0.3, variance=1.3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_gpu_tree_equals_the_cpu_tree(cuda_device, precision):
+    problem, _ = _gpu_problem()
+    assert_tree_equals_cpu_tree(problem, precision, leaf_size=64)

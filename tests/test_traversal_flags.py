@@ -12,7 +12,7 @@ from conftest import CASE_IDS, CASES, make_problem
 
 import residual_gpu as rg
 
-FLAGS = [rg.TraversalFlags(order="bound")]
+FLAGS = [rg.TraversalFlags(order="bound"), rg.TraversalFlags(schedule="blocks")]
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=repr)

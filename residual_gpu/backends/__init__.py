@@ -11,7 +11,7 @@ import logging
 import os
 
 from ..errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
-from .base import Backend, Candidates, QueryBatch
+from .base import Backend, BlockList, Candidates, QueryBatch
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .jax import JaxBackend
@@ -21,7 +21,7 @@ ENV_VAR = "RESIDUAL_GPU_BACKEND"
 
 logger = logging.getLogger("residual_gpu")
 
-__all__ = ["BACKENDS", "Backend", "Candidates", "QueryBatch", "available_backends", "get_backend", "resolve_backend_name"]
+__all__ = ["BACKENDS", "Backend", "BlockList", "Candidates", "QueryBatch", "available_backends", "get_backend", "resolve_backend_name"]
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:

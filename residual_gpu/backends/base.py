@@ -9,7 +9,11 @@ pass: residual_gpu/brute.py) and whose values are float64:
   (the unit the search tree evaluates at its leaves);
 - ``select_candidates``: a streaming select over candidate tiles that keeps, per query,
   the ``keep`` admissible candidates of largest fast |rho| and the largest fast |rho| it
-  dropped, never materialising more than one tile.
+  dropped, never materialising more than one tile;
+- ``select_blocks``: the same select over given column ranges per query tile (the search
+  tree's leaf blocks: residual_gpu/tree_blocks.py), and ``bound_products``, the two GEMMs of
+  the tree's node bound (a_q . mid, |a_q| . rad) against node summaries ``prepare_bounds``
+  copied to the device once.
 
 Certification against rounding error and the exact re-ranking happen on the host
 (``residual_gpu.certify``), identically for every backend.
@@ -74,6 +78,39 @@ class Candidates:
     margin: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class BlockList:
+    """Which columns each query tile evaluates in ``select_blocks``.
+
+    Tile t is the batch rows row_ptr[t]:row_ptr[t + 1] and the column ranges
+    starts[s]:ends[s] for s in range_ptr[t]:range_ptr[t + 1] (positions in the prepared
+    points); ``ids`` (n_prepared,) holds each position's dataset index, which admissibility
+    (ids[j] < limit, ids[j] != self_index) and the returned candidates use. Range s may name
+    the only rows it needs, range_rows[range_rows_ptr[s]:range_rows_ptr[s + 1]] (rows of its
+    tile, ascending); a backend may evaluate the whole tile instead (more values never change
+    the select's contract), as the default implementation does.
+    """
+
+    row_ptr: np.ndarray
+    range_ptr: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    ids: np.ndarray
+    range_rows_ptr: np.ndarray | None = None
+    range_rows: np.ndarray | None = None
+
+    @property
+    def tiles(self) -> int:
+        return self.row_ptr.size - 1
+
+    def columns(self, t: int) -> np.ndarray:
+        """Tile t's positions, range by range."""
+        s0, s1 = self.range_ptr[t], self.range_ptr[t + 1]
+        if s1 == s0:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(self.starts[s0:s1], self.ends[s0:s1])])
+
+
 class Backend(ABC):
     """One compute backend; instances are cheap and hold no device state."""
 
@@ -95,6 +132,43 @@ class Backend(ABC):
     @abstractmethod
     def select_candidates(self, prepared, batch: QueryBatch, keep: int) -> Candidates:
         """Stream all candidates j < max(limit) and keep the ``keep`` largest per query."""
+
+    def select_blocks(self, prepared, batch: QueryBatch, keep: int, blocks: BlockList) -> Candidates:
+        """``select_candidates`` restricted to ``blocks``: tile t's rows against the prepared points
+        in its column ranges, admissible where ids[j] < limit and ids[j] != self_index; the
+        returned indices are ids. This default evaluates each tile with ``abs_rho_tile`` and folds
+        it on the host; a backend may fuse both."""
+        from .cpu import fold_block_values
+
+        q = batch.size
+        heap_a = np.full((q, keep), -1.0)
+        heap_i = np.full((q, keep), -1, dtype=np.int64)
+        count = np.zeros(q, dtype=np.int64)
+        a_dropped = np.full(q, -1.0)
+        evaluations = 0
+        for t in range(blocks.tiles):
+            r0, r1 = int(blocks.row_ptr[t]), int(blocks.row_ptr[t + 1])
+            cols = blocks.columns(t)
+            if r1 == r0 or cols.size == 0:
+                continue
+            rows = np.arange(r0, r1)
+            vals = self.abs_rho_tile(prepared, batch.take(rows), cols)
+            evaluations += fold_block_values(np.ascontiguousarray(vals, dtype=np.float64), blocks.ids[cols],
+                                             batch.limit[r0:r1], batch.self_index[r0:r1], heap_a[r0:r1],
+                                             heap_i[r0:r1], count[r0:r1], a_dropped[r0:r1])
+        return Candidates(index=heap_i, abs_rho=heap_a, a_dropped=a_dropped, evaluations=int(evaluations))
+
+    def prepare_bounds(self, mid: np.ndarray, rad: np.ndarray):
+        """Node summaries (nodes, m) of the tree's bound, copied to the device once (their dtype,
+        float32 or float64, is the products' precision)."""
+        return np.ascontiguousarray(mid), np.ascontiguousarray(rad)
+
+    def bound_products(self, prepared_bounds, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(a @ mid.T, |a| @ rad.T) as float64 host arrays (q, nodes), multiplied in the summaries'
+        precision (the bound's gam_prod covers any summation order: no TF32 or bf16)."""
+        mid, rad = prepared_bounds
+        a = np.ascontiguousarray(a, dtype=mid.dtype)
+        return (a @ mid.T).astype(np.float64, copy=False), (np.abs(a) @ rad.T).astype(np.float64, copy=False)
 
     def cross_factors(self, chol, inducing, coords, kernel, p_floor):
         """(V, p, ||V_i||) of coordinates (q, d) for the Cholesky factor ``chol`` of K(U, U) +

@@ -20,7 +20,7 @@ from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
 from .._numba_math import _EXP32_MIN, _SQRT3, _SQRT5, exp32_nonpositive_inplace, exp_nonpositive_inplace
-from .base import Backend, Candidates, QueryBatch
+from .base import Backend, BlockList, Candidates, QueryBatch
 
 
 @functools.cache
@@ -311,6 +311,77 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
                 a_dropped[r] = dropped
 
 
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _select_ranges(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, ip, ids, row_ptr, range_ptr,
+                   starts, ends, rows_ptr, rows, candidate_tile, heap_a, heap_i, count, a_dropped, evaluations):
+    """``_select`` over each tile's column ranges (BlockList) instead of every candidate: one
+    thread per tile, a single-threaded GEMM per (range piece) on V's contiguous rows, for the
+    range's own rows (gathered, unless nearly all of the tile's), the same transform, and
+    admissibility by the columns' dataset indices ``ids``."""
+    keep = heap_a.shape[1]
+    m = qv.shape[1]
+    for t in prange(row_ptr.size - 1):
+        r0 = row_ptr[t]
+        nt = row_ptr[t + 1] - r0
+        if nt == 0:
+            continue
+        row = np.empty(candidate_tile)
+        work = np.empty((3, candidate_tile))
+        qbuf = np.empty((nt, m), dtype=qv.dtype)
+        for s in range(range_ptr[t], range_ptr[t + 1]):
+            nr = rows_ptr[s + 1] - rows_ptr[s]
+            own = rows[rows_ptr[s]:rows_ptr[s + 1]]
+            full = nr * 8 >= nt * 7  # as the fused traversal: a few unused rows cost less than a gather
+            if not full:
+                for i in range(nr):
+                    qbuf[i] = qv[own[i]]
+            for c0 in range(starts[s], ends[s], candidate_tile):
+                c1 = min(c0 + candidate_tile, ends[s])
+                g = np.dot(qv[r0:r0 + nt], v[c0:c1].T) if full else np.dot(qbuf[:nr], v[c0:c1].T)
+                for i in range(nr):
+                    r = own[i]
+                    vals = row[:c1 - c0]
+                    _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], xt, ip, c0, g[r - r0 if full else i],
+                                 vals, work)
+                    ha = heap_a[r]
+                    hi = heap_i[r]
+                    size = count[r]
+                    dropped = a_dropped[r]
+                    lim = qlimit[r]
+                    me = qself[r]
+                    done = 0
+                    for b in range(c1 - c0):
+                        j = ids[c0 + b]
+                        if j >= lim or j == me:
+                            continue
+                        done += 1
+                        size, dropped = heap_offer(ha, hi, size, keep, dropped, vals[b], j)
+                    evaluations[r] += done
+                    count[r] = size
+                    a_dropped[r] = dropped
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def fold_block_values(vals, col_ids, qlimit, qself, heap_a, heap_i, count, a_dropped):
+    """Fold a dense block of fast values (rows x columns with dataset indices col_ids) into the
+    rows' bounded heaps, admissible entries only (Backend.select_blocks' host fold); returns the
+    number of admissible pairs."""
+    keep = heap_a.shape[1]
+    done = np.zeros(vals.shape[0], dtype=np.int64)
+    for r in prange(vals.shape[0]):
+        size = count[r]
+        dropped = a_dropped[r]
+        for b in range(vals.shape[1]):
+            j = col_ids[b]
+            if j >= qlimit[r] or j == qself[r]:
+                continue
+            done[r] += 1
+            size, dropped = heap_offer(heap_a[r], heap_i[r], size, keep, dropped, vals[r, b], j)
+        count[r] = size
+        a_dropped[r] = dropped
+    return done.sum()
+
+
 class CpuBackend(Backend):
     """Numba + BLAS on the host; always available."""
 
@@ -353,4 +424,25 @@ class CpuBackend(Backend):
                     prepared.inv_sqrt_p, QUERY_TILE if prepared.v.dtype == np.float64 else QUERY_TILE_FLOAT32,
                     CANDIDATE_TILE, heap_a, heap_i, count, a_dropped,
                     evaluations)
+        return Candidates(index=heap_i, abs_rho=heap_a, a_dropped=a_dropped, evaluations=int(evaluations.sum()))
+
+    def select_blocks(self, prepared, batch: QueryBatch, keep: int, blocks: BlockList) -> Candidates:
+        q = batch.size
+        heap_a = np.full((q, keep), -1.0)
+        heap_i = np.full((q, keep), -1, dtype=np.int64)
+        count = np.zeros(q, dtype=np.int64)
+        a_dropped = np.full(q, -1.0)
+        evaluations = np.zeros(q, dtype=np.int64)
+        rows_ptr, rows = blocks.range_rows_ptr, blocks.range_rows
+        if rows_ptr is None:  # every range takes its whole tile
+            tile = np.repeat(np.arange(blocks.tiles), np.diff(blocks.range_ptr))
+            sizes = np.diff(blocks.row_ptr)[tile]
+            rows_ptr = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+            rows = (np.arange(rows_ptr[-1]) - np.repeat(rows_ptr[:-1] - blocks.row_ptr[tile], sizes)).astype(np.int64)
+        with single_blas_thread():
+            _select_ranges(prepared.kernel_id, prepared.variance, batch.coords, prepared.inv_scale,
+                           1.0 / np.sqrt(batch.p), batch.self_index, batch.limit,
+                           np.ascontiguousarray(batch.v, dtype=prepared.v.dtype), prepared.xt, prepared.v,
+                           prepared.inv_sqrt_p, blocks.ids, blocks.row_ptr, blocks.range_ptr, blocks.starts,
+                           blocks.ends, rows_ptr, rows, CANDIDATE_TILE, heap_a, heap_i, count, a_dropped, evaluations)
         return Candidates(index=heap_i, abs_rho=heap_a, a_dropped=a_dropped, evaluations=int(evaluations.sum()))

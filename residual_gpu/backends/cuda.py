@@ -314,3 +314,15 @@ class CudaBackend(Backend):
                 ), shared_mem)
         return Candidates(index=rt.asnumpy(heap_i), abs_rho=rt.asnumpy(heap_a),
                           a_dropped=rt.asnumpy(a_dropped), evaluations=int(evaluations.sum()))
+
+    def prepare_bounds(self, mid: np.ndarray, rad: np.ndarray):
+        rt = _runtime()
+        return rt, rt.xp.asarray(np.ascontiguousarray(mid)), rt.xp.asarray(np.ascontiguousarray(rad))
+
+    def bound_products(self, prepared_bounds, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rt, mid, rad = prepared_bounds
+        xp = rt.xp
+        ad = xp.asarray(np.ascontiguousarray(a, dtype=mid.dtype))
+        s0 = ad @ mid.T  # cuBLAS in the summaries' precision (CuPy does not use TF32 unless asked)
+        sr = xp.abs(ad) @ rad.T
+        return rt.asnumpy(s0).astype(np.float64, copy=False), rt.asnumpy(sr).astype(np.float64, copy=False)

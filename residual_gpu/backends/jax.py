@@ -266,3 +266,20 @@ class JaxBackend(Backend):
                 a_dropped[q0:q1] = dropped
                 evaluations += int(np.array(evals)[:rows].sum())
         return Candidates(index=index, abs_rho=abs_rho, a_dropped=a_dropped, evaluations=evaluations)
+
+    def prepare_bounds(self, mid: np.ndarray, rad: np.ndarray):
+        import jax.numpy as jnp
+
+        with _x64():
+            return jnp.asarray(np.ascontiguousarray(mid)), jnp.asarray(np.ascontiguousarray(rad))
+
+    def bound_products(self, prepared_bounds, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import jax.numpy as jnp
+        from jax import lax
+
+        mid, rad = prepared_bounds
+        with _x64():
+            ad = jnp.asarray(np.ascontiguousarray(a, dtype=mid.dtype))
+            s0 = jnp.matmul(ad, mid.T, precision=lax.Precision.HIGHEST)  # HIGHEST: no TF32
+            sr = jnp.matmul(jnp.abs(ad), rad.T, precision=lax.Precision.HIGHEST)
+            return np.asarray(s0, dtype=np.float64), np.asarray(sr, dtype=np.float64)
