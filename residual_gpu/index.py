@@ -44,8 +44,16 @@ from .precision import PRECISIONS, choose_precision
 from .problem import ProblemView, ResidualProblem
 from .search import exact_knn, initial_keep
 from .telemetry import Telemetry
-from .tree import DEFAULT_LEAF_SIZE, SearchTree, arrays_digest, build_tree
-from .tree_search import DEFAULT_TILE_SIZE, POP_BATCH, TraversalFlags, TreeSearcher
+from .tree import (
+    DEFAULT_LEAF_SIZE,
+    DEFAULT_TILE_SIZE,
+    POP_BATCH,
+    SearchTree,
+    TraversalFlags,
+    TreeSearcher,
+    arrays_digest,
+    build_tree,
+)
 
 METHODS = ("auto", "brute", "tree")
 #: ``method="auto"``: below this many points brute force always wins

@@ -24,8 +24,7 @@ from numba import njit, prange
 from .._numba_math import row_norms
 from ..precision import accurate_rho_error, gamma, kernel_error
 from ..problem import ProblemView
-from ..tree import build_tree, transform_of
-from ..tree_search import query_factors, residual_bound
+from ..tree import build_tree, query_factors, residual_bound, transform_of
 
 _U = 2.0**-53
 #: absolute slack on |rho| in the pruning rule (module ``prunable``): far above the few u of

@@ -35,8 +35,8 @@ import scipy.linalg
 from numba import njit, prange
 from tqdm.auto import tqdm
 
-from ._numba_math import row_norms
-from .errors import IndexFormatError, InvalidArgumentError
+from .._numba_math import row_norms
+from ..errors import IndexFormatError, InvalidArgumentError
 
 #: version of the saved tree arrays; bump on any layout change
 TREE_FORMAT_VERSION = 1
@@ -509,7 +509,7 @@ def euclidean_knn(coords, k: int, queries=None, query_coords=None, leaf_size: in
     queries: dataset indices (default every point; a point is not its own neighbour) or
     query_coords: new locations. Returns (indices, distances) ascending, ties to the smaller index.
     """
-    from .tree_search import euclidean_search
+    from .traversal import euclidean_search
 
     x = np.ascontiguousarray(np.asarray(coords, dtype=np.float64))
     if x.ndim == 1:

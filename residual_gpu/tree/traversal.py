@@ -34,13 +34,13 @@ import numpy as np
 import scipy.linalg
 from numba import njit, parallel_chunksize, prange
 
-from ._numba_math import accurate_abs_rho, correlation, row_norms
-from .backends.base import Candidates, QueryBatch
-from .backends.cpu import _abs_rho_row, _heap_push, _sift_down, single_blas_thread
-from .certify import floor_thresholds
-from .errors import InvalidArgumentError
-from .hilbert import hilbert_order
-from .precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
+from .._numba_math import accurate_abs_rho, correlation, row_norms
+from ..backends.base import Candidates, QueryBatch
+from ..backends.cpu import _abs_rho_row, _heap_push, _sift_down, single_blas_thread
+from ..certify import floor_thresholds
+from ..errors import InvalidArgumentError
+from ..hilbert import hilbert_order
+from ..precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
 
 #: queries per tile (one Numba task each)
 DEFAULT_TILE_SIZE = 128
@@ -1027,7 +1027,7 @@ class TreeSearcher:
 
 def euclidean_search(tree, coords, k: int, queries=None, query_coords=None, tile_size: int = DEFAULT_TILE_SIZE):
     """kNN in plain Euclidean distance: (indices, distances), ascending, ties to the smaller index."""
-    from ._validation import as_float_matrix, as_index_array, as_int
+    from .._validation import as_float_matrix, as_index_array, as_int
 
     n, d = coords.shape
     searcher = TreeSearcher(tree, coords, tile_size=tile_size)
