@@ -1,5 +1,6 @@
 """The search tree: build and layout (layout.py), traversal and the host searcher (traversal.py)."""
 
+from .bounds import box_distances, query_factors, residual_bound
 from .layout import (
     DEFAULT_LEAF_SIZE,
     DENSE_RATIO,
@@ -23,10 +24,7 @@ from .traversal import (
     POP_BATCH,
     TraversalFlags,
     TreeSearcher,
-    box_distances,
     euclidean_search,
-    query_factors,
-    residual_bound,
 )
 
 __all__ = [

@@ -31,16 +31,16 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 from numba import njit, parallel_chunksize, prange
 
-from .._numba_math import correlation, row_norms
+from .._numba_math import row_norms
 from ..backends.base import Candidates, QueryBatch
 from ..backends.cpu import _block_width, _eval_block, _fold_block, _mostly_alive, single_blas_thread
 from ..certify import floor_thresholds
 from ..errors import InvalidArgumentError
 from ..hilbert import hilbert_order
 from ..precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
+from .bounds import _bound_matrix, _sequential_products, box_distances, query_factors, residual_bound
 
 #: queries per tile (one Numba task each)
 DEFAULT_TILE_SIZE = 128
@@ -55,124 +55,6 @@ COUNTERS = ("nodes_visited", "bound_evaluations", "bound_products", "prunes_boun
 (C_NODES, C_BOUND_EVALS, C_BOUND_PRODUCTS, C_PRUNE_BOUND, C_PRUNE_PRED, C_FRONTIER_SUM, C_FRONTIER_MAX,
  C_ROUNDS, C_YIELDS, C_BLOCKS, C_PAIRS, C_PAIRS_MAX, C_LEAVES, C_DENSE_PAIRS) = range(len(COUNTERS))
 NCOUNTERS = len(COUNTERS)
-
-
-# --------------------------------------------------------------------------------------
-# bounds
-# --------------------------------------------------------------------------------------
-@njit(inline="always", cache=True)
-def box_distances(xq, inv_scale, lo, hi):
-    """(min, max) over the box [lo, hi] of the scaled squared distance to xq, in float64."""
-    mind2 = 0.0
-    maxd2 = 0.0
-    for t in range(xq.shape[0]):
-        x = xq[t]
-        gap = lo[t] - x
-        g2 = x - hi[t]
-        gap = max(gap, g2)
-        gap = max(gap, 0.0)
-        gap *= inv_scale[t]
-        far = abs(x - lo[t])
-        f2 = abs(hi[t] - x)
-        far = max(far, f2)
-        far *= inv_scale[t]
-        mind2 += gap * gap
-        maxd2 += far * far
-    return mind2, maxd2
-
-
-@njit(inline="always", cache=True)
-def residual_bound(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, xq, inv_scale, ipq, rnq, naq,
-                   lo, hi, ymin, ymax, zeta, zabs, s0, sr):
-    """Upper bound on |rho_qj| for every j of a node (docs/tree.md, "The bound").
-
-    s0 = fl(a_q . mid) and sr = fl(|a_q| . rad) from the node's summary; every rounding
-    error is covered by the slack terms (eps_d, kerr, gam, the u factors).
-    """
-    mind2, maxd2 = box_distances(xq, inv_scale, lo, hi)
-    kmax = variance * correlation(kernel_id, mind2 * (1.0 - eps_d)) * (1.0 + 4.0 * _U) + kerr
-    kmin = variance * correlation(kernel_id, maxd2 * (1.0 + eps_d)) * (1.0 - 4.0 * _U) - kerr
-    kmin = max(kmin, 0.0)
-    ky_hi = kmax * ymax * (1.0 + 4.0 * _U)
-    ky_lo = kmin * ymin * (1.0 - 4.0 * _U)
-    err = zeta * (rnq + gam * naq * tnorm) + 2.0 * gam_prod * naq * zabs + 4.0 * _U * (abs(s0) + sr)
-    hi_num = ky_hi - s0 + sr + err
-    lo_num = ky_lo - s0 - sr - err
-    num = max(-lo_num, hi_num)
-    u = num * ipq * (1.0 + 16.0 * _U)
-    return min(1.0, u)
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _solve_sequential(t, v):
-    """a = T^-T v_q by back substitution and back = T^T a, row by row, in fixed order (the
-    parity preset's replacement for the LAPACK solve and dtrmm)."""
-    m = t.shape[0]
-    a = np.empty(v.shape)
-    back = np.empty(v.shape)
-    for q in prange(v.shape[0]):
-        for u in range(m - 1, -1, -1):
-            s = v[q, u]
-            for w in range(u + 1, m):
-                s -= t[w, u] * a[q, w]
-            a[q, u] = s / t[u, u]
-        for u in range(m):
-            s = 0.0
-            for w in range(u, m):
-                s += t[w, u] * a[q, w]
-            back[q, u] = s
-    return a, back
-
-
-@njit(cache=True, fastmath=False)
-def _sequential_products(amat, absa, mid, rad):
-    """s0 = amat @ mid.T and sr = absa @ rad.T, each entry summed from 0.0 in ascending order
-    (the parity preset's replacement for the two bound GEMMs)."""
-    s0 = np.empty((amat.shape[0], mid.shape[0]), dtype=mid.dtype)
-    sr = np.empty((amat.shape[0], mid.shape[0]), dtype=mid.dtype)
-    for i in range(amat.shape[0]):
-        for e in range(mid.shape[0]):
-            a = 0.0
-            b = 0.0
-            for t in range(amat.shape[1]):
-                a += amat[i, t] * mid[e, t]
-                b += absa[i, t] * rad[e, t]
-            s0[i, e] = a
-            sr[i, e] = b
-    return s0, sr
-
-
-def query_factors(t: np.ndarray, v: np.ndarray, gam: float, tnorm: float, sequential: bool = False):
-    """(a_q = T^-T V_q, bound rn_q on ||V_q - T^T a_q||, bound na_q on ||a_q||) for query rows v
-    (docs/tree.md section 2; T of size (0, 0) is the identity); gam and tnorm as the searcher's.
-    ``sequential``: fixed-order loops instead of LAPACK and BLAS (the parity preset)."""
-    m = v.shape[1]
-    grow = 1.0 + (m + 2) * _U
-    if not t.size:
-        a = np.array(v)
-        return a, np.zeros(v.shape[0]), row_norms(a) * grow
-    if sequential:
-        a, back = _solve_sequential(t, np.ascontiguousarray(v))
-    else:
-        # in the transposed (Fortran-order) world, so that LAPACK and BLAS copy nothing:
-        # columns of at are the a_q, columns of backt the T^T a_q
-        at = scipy.linalg.solve_triangular(t, v.T, lower=True, trans="T", check_finite=False)
-        backt = scipy.linalg.blas.dtrmm(1.0, t, at, side=0, lower=1, trans_a=1)
-        a, back = at.T, backt.T
-    na = row_norms(a) * grow
-    rn = row_norms(v - back) * grow + gam * tnorm * na
-    return a, rn, na
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _bound_matrix(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, node_lo, node_hi, node_ymin, node_ymax,
-                  node_zeta, node_zabs, s0, sr, qx, inv_scale, qip, qrn, qna, out):
-    for i in prange(qx.shape[0]):
-        for nd in range(node_lo.shape[0]):
-            out[i, nd] = residual_bound(kernel_id, variance, kerr, eps_d, gam, gam_prod, tnorm, qx[i], inv_scale, qip[i],
-                                        qrn[i],
-                                        qna[i], node_lo[nd], node_hi[nd], node_ymin[nd], node_ymax[nd], node_zeta[nd],
-                                        node_zabs[nd], s0[i, nd], sr[i, nd])
 
 
 # --------------------------------------------------------------------------------------
