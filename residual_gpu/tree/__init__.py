@@ -16,6 +16,7 @@ from .layout import (
     euclidean_knn,
     transform_of,
 )
+from .searcher import TreeSearcher, euclidean_search
 from .traversal import (
     COUNTERS,
     DEFAULT_TILE_SIZE,
@@ -23,8 +24,6 @@ from .traversal import (
     NOADM,
     POP_BATCH,
     TraversalFlags,
-    TreeSearcher,
-    euclidean_search,
 )
 
 __all__ = [

@@ -391,7 +391,7 @@ def euclidean_knn(coords, k: int, queries=None, query_coords=None, leaf_size: in
     queries: dataset indices (default every point; a point is not its own neighbour) or
     query_coords: new locations. Returns (indices, distances) ascending, ties to the smaller index.
     """
-    from .traversal import euclidean_search
+    from .searcher import euclidean_search
 
     x = np.ascontiguousarray(np.asarray(coords, dtype=np.float64))
     if x.ndim == 1:
