@@ -19,8 +19,8 @@ Layout (docs/tree.md has the full description, precise enough to re-implement):
   the per-coordinate interval centre ``mid`` and radius ``rad`` (m each), the range
   [ymin, ymax] of 1/sqrt(p_j), zeta = max_j ||V_j|| / sqrt(p_j) and ||max(|lo|, |hi|)||.
 
-The bound these summaries give is derived in docs/tree.md and implemented in
-``tree_search.node_bound``.
+The summaries are computed by bounds.py (``_summaries``, called from ``build_tree``); the bound
+they give is derived in docs/tree.md section 2 and implemented in ``bounds.residual_bound``.
 """
 
 from __future__ import annotations
