@@ -4,7 +4,7 @@ The shard is covered by *cut nodes*, each with the tree's node summary (docs/tre
 "Node summaries"): the leaves of a coarse residual tree over the shard (``build_tree`` with
 about ``leaves`` leaves) for its ordinary points, and one singleton node per *dense* point (tiny
 p, the inducing points and their neighbours), whose 1/sqrt(p) would make any shared node's
-bound vacuous. For a query q and a node N the tree's bound U_qN = ``tree_search.residual_bound``
+bound vacuous. For a query q and a node N the tree's bound U_qN = ``tree.bounds.residual_bound``
 (docs/tree.md section 2, derivation and rounding terms there) holds for every j in N; so
 
     U_qs = max over the cut nodes N of s with an admissible point (smallest index < limit_q) of U_qN
