@@ -18,7 +18,7 @@ from .errors import (
 from .index import KnnResult, ResidualIndex, residual_knn
 from .kernels import RBF, Kernel, Matern12, Matern32, Matern52
 from .problem import ResidualProblem
-from .tree_search import TraversalFlags
+from .tree import TraversalFlags
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """Public search API: ResidualIndex, KnnResult and the one-call ``residual_knn``.
 
 ``method="auto"`` rule (docs/tree.md, "Choosing the method"): brute force when the backend
-is not the CPU (the tree runs there through its block schedule, tree_blocks.py, but no device
+is not the CPU (the tree runs there through its block schedule, tree/schedule.py, but no device
 benchmark has shown it winning yet), when n < AUTO_MIN_N, when the median p
 is below AUTO_PRECHECK_P of the variance and a tree over AUTO_PRECHECK_N sampled points spends
 at least AUTO_VACUOUS_SHARE of brute force's work (the bounds are vacuous, as on `gold`), or
@@ -45,8 +45,16 @@ from .precision import PRECISIONS, choose_precision
 from .problem import ProblemView, ResidualProblem
 from .search import exact_knn, initial_keep
 from .telemetry import Telemetry
-from .tree import DEFAULT_LEAF_SIZE, SearchTree, arrays_digest, build_tree
-from .tree_search import DEFAULT_TILE_SIZE, POP_BATCH, TraversalFlags, TreeSearcher
+from .tree import (
+    DEFAULT_LEAF_SIZE,
+    DEFAULT_TILE_SIZE,
+    POP_BATCH,
+    SearchTree,
+    TraversalFlags,
+    TreeSearcher,
+    arrays_digest,
+    build_tree,
+)
 
 METHODS = ("auto", "brute", "tree")
 #: ``method="auto"``: below this many points brute force always wins
@@ -250,7 +258,7 @@ class ResidualIndex:
                                       sequential=self._options["sequential"], leaf_precision=self.precision,
                                       flags=self.traversal)
         if self.schedule == "blocks":
-            from .tree_blocks import BlockSchedule
+            from .tree.schedule import BlockSchedule
 
             self._searcher.schedule = BlockSchedule(self._searcher, self._backend, prob)
         # V, coordinates and 1/sqrt(p) copied into tree order

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 SCHEMA = "residual_gpu.telemetry"
 SCHEMA_VERSION = 4
 
-#: tree counters summed over tiles (maxima are maxima); names match tree_search.COUNTERS
+#: tree counters summed over tiles (maxima are maxima); names match tree.traversal.COUNTERS
 _TREE_SUMS = ("nodes_visited", "bound_evaluations", "bound_products", "prunes_bound", "prunes_predecessor",
               "frontier_sum", "rounds", "yields", "blocks", "block_pairs", "leaves_evaluated", "dense_pairs")
 _TREE_MAXES = ("frontier_max", "block_pairs_max")

@@ -4,7 +4,7 @@
 
 For a few `vif` queries: the exact |rho| to every point (float64 reference), the k-th
 largest (the value a leaf must beat to matter), and per leaf of the default tree the true
-largest |rho| in the leaf against the leaf's bound U (tree_search.TreeSearcher.node_bounds),
+largest |rho| in the leaf against the leaf's bound U (tree.searcher.TreeSearcher.node_bounds),
 grouped by the gap between the query and the leaf's box in lengthscales. "alive" is the share
 of leaves whose bound is at least the k-th value (they cannot be pruned even with the final
 threshold). docs/tree.md quotes the output.

@@ -4,7 +4,7 @@
 
 On one thread, for the `vif` suite: one tile of 128 queries evaluates the first ``--leaves``
 leaves of the tree with 128, 70 (the measured average) and 30 alive rows, through the
-traversal's own block evaluator (`tree_search._eval_block`: gather of the alive V rows, GEMM,
+traversal's own block evaluator (`backends.cpu._eval_block`: gather of the alive V rows, GEMM,
 fused kernel transform, heap pushes), next to the same gather + GEMM alone and the GEMM
 alone, in float64 and in float32 (the leaf precision "auto" picks where its certified margin
 is small), and one large float64 GEMM of the tile against 12,800 candidates (brute force's
@@ -23,7 +23,7 @@ from numba import njit
 from threadpoolctl import threadpool_limits
 
 import residual_gpu as rg
-from residual_gpu import tree_search
+from residual_gpu.backends import cpu as cpu_backend
 from residual_gpu.suites import get_suite
 
 
@@ -80,7 +80,7 @@ def main():
     def blocks(nrows, qv_blk, pv_blk, qbuf_blk):
         pairs = 0
         for a, b in zip(starts, ends):
-            pairs += tree_search._eval_block(
+            pairs += cpu_backend._eval_block(
                 0, s.kernel_id, s.variance, sel, np.int64(nrows), np.int64(0), a, b, s.pidx, s.pxt, s.pip, pv_blk,
                 qx, qv_blk, s.inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
                 qbuf_blk, row, work, False, qp, s.pp, s.scale)

@@ -319,7 +319,7 @@ def test_float32_leaf_values_within_their_margin(kernel):
     """The leaf blocks' float32 values differ from the exact |rho| by less than the margin
     certification and pruning use for them (rows routed to float64 brute force excepted)."""
     from residual_gpu.backends.cpu import _dense_tile
-    from residual_gpu.tree_search import FLOAT32_MAX_MARGIN
+    from residual_gpu.precision import FLOAT32_MAX_MARGIN
 
     problem = make_problem(21, 500, 2, kernel(lengthscale=0.15), 40)  # kmeans++: tiny p among the data
     index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=8, precision="float32")

@@ -11,7 +11,7 @@ pass: residual_gpu/brute.py) and whose values are float64:
   the ``keep`` admissible candidates of largest fast |rho| and the largest fast |rho| it
   dropped, never materialising more than one tile;
 - ``select_blocks``: the same select over given column ranges per query tile (the search
-  tree's leaf blocks: residual_gpu/tree_blocks.py), and ``bound_products``, the two GEMMs of
+  tree's leaf blocks: residual_gpu/tree/schedule.py), and ``bound_products``, the two GEMMs of
   the tree's node bound (a_q . mid, |a_q| . rad) against node summaries ``prepare_bounds``
   copied to the device once.
 

@@ -19,7 +19,14 @@ import scipy.linalg  # noqa: F401 (Numba's np.dot calls scipy's BLAS: loaded bef
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
-from .._numba_math import _EXP32_MIN, _SQRT3, _SQRT5, exp32_nonpositive_inplace, exp_nonpositive_inplace
+from .._numba_math import (
+    _EXP32_MIN,
+    _SQRT3,
+    _SQRT5,
+    accurate_abs_rho,
+    exp32_nonpositive_inplace,
+    exp_nonpositive_inplace,
+)
 from .base import Backend, BlockList, Candidates, QueryBatch
 
 
@@ -380,6 +387,206 @@ def fold_block_values(vals, col_ids, qlimit, qself, heap_a, heap_i, count, a_dro
         count[r] = size
         a_dropped[r] = dropped
     return done.sum()
+
+
+# --------------------------------------------------------------------------------------
+# the tree's leaf blocks: (rows of a query tile) x (a prefix of a contiguous range of points)
+# --------------------------------------------------------------------------------------
+# The tree's traversal (residual_gpu/tree/traversal.py) calls _eval_block for the dense block
+# and for each leaf it does not prune, and _fold_block for the leaves it batches into one GEMM;
+# both fold the block's values into the rows' heaps, the residual metric's also into the
+# k-th-value heaps (_kth_push) the traversal's pruning thresholds read.
+
+
+@njit(inline="always", cache=True)
+def _kth_push(ka, size, a):
+    """Fold value a into the min-heap ka of the largest values seen (capacity ka.size)."""
+    if size < ka.shape[0]:
+        _heap_push(ka, None, size, a, 0)
+        return size + 1
+    if a <= ka[0]:
+        return size
+    ka[0] = a
+    _sift_down(ka, None, size)
+    return size
+
+
+# heaps for the Euclidean metric: ties go to the smaller index
+@njit(inline="always", cache=True)
+def _worse(a1, j1, a2, j2):
+    """(a1, j1) ranks below (a2, j2): smaller value, or equal value and larger index."""
+    return a1 < a2 or (a1 == a2 and j1 > j2)
+
+
+@njit(cache=True, fastmath=False)
+def _eu_push(ha, hi, size, keep, a, j):
+    if size < keep:
+        pos = size
+        ha[pos] = a
+        hi[pos] = j
+        while pos > 0:
+            parent = (pos - 1) // 2
+            if not _worse(ha[pos], hi[pos], ha[parent], hi[parent]):
+                break
+            ha[pos], ha[parent] = ha[parent], ha[pos]
+            hi[pos], hi[parent] = hi[parent], hi[pos]
+            pos = parent
+        return size + 1
+    if not _worse(ha[0], hi[0], a, j):
+        return size
+    ha[0] = a
+    hi[0] = j
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _worse(ha[child + 1], hi[child + 1], ha[child], hi[child]):
+            child += 1
+        if not _worse(ha[child], hi[child], ha[pos], hi[pos]):
+            break
+        ha[pos], ha[child] = ha[child], ha[pos]
+        hi[pos], hi[child] = hi[child], hi[pos]
+        pos = child
+    return size
+
+
+@njit(inline="always", cache=True)
+def _prefix(pidx, start, end, limit):
+    """Number of points of the index-sorted range [start, end) with index < limit."""
+    lo = start
+    hi = end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pidx[mid] < limit:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - start
+
+
+@njit(cache=True, fastmath=False)
+def _accurate_row(kernel_id, variance, xq, vq, pq, pxt, pv, pp, scale, c0, out):
+    """out[b] = the accurate (Dot2) |rho| between the query and point c0 + b: the parity
+    preset's block values. A separate function without fastmath, so no FMA is contracted in."""
+    for b in range(out.shape[0]):
+        out[b] = accurate_abs_rho(xq, vq, pq, pxt[:, c0 + b], pv[c0 + b], pp[c0 + b], scale, kernel_id, variance)
+
+
+@njit(inline="always", cache=True)
+def _block_width(pidx, start, end, qlimit, r0, rows, nrows):
+    """Longest admissible prefix of the index-sorted range [start, end) over rows[:nrows]."""
+    width = 0
+    for i in range(nrows):
+        width = max(width, _prefix(pidx, start, end, qlimit[r0 + rows[i]]))
+    return width
+
+
+@njit(inline="always", cache=True)
+def _mostly_alive(nrows, nt):
+    """A leaf block multiplies all nt tile rows (no gather) when at least 7/8 of them are alive."""
+    return nrows * 8 >= nt * 7
+
+
+@njit(cache=True, fastmath={"contract"})
+def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv,
+                qx, qv, inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf, row,
+                work, sequential, qp, pp, scale):
+    """Evaluate points [start, end) (index-sorted) for tile rows ``rows[:nrows]``; returns pairs.
+
+    Each row takes the admissible prefix (index < limit) and skips itself; the block computed
+    is nrows x (longest prefix), which is what the returned pair count measures. Values are
+    the fast GEMM ones, or with ``sequential`` (the parity preset) the accurate ones.
+    """
+    width = _block_width(pidx, start, end, qlimit, r0, rows, nrows)
+    if width == 0:
+        return 0
+    # The GEMM's rows: the tile's own (contiguous) rows when nearly all of them are alive (a few
+    # unused rows cost less than gathering), else the alive rows gathered into qbuf.
+    nt = qbuf.shape[0]
+    full = _mostly_alive(nrows, nt)
+    if metric == 0 and not sequential:
+        if full:
+            g = np.dot(qv[r0:r0 + nt], pv[start:start + width].T)
+        else:
+            m = qv.shape[1]
+            for i in range(nrows):
+                r = r0 + rows[i]
+                for t in range(m):
+                    qbuf[i, t] = qv[r, t]
+            g = np.dot(qbuf[:nrows], pv[start:start + width].T)
+    else:
+        g = np.empty((1, 1), dtype=qbuf.dtype)
+    _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv, qx, qv, inv_scale,
+                qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
+                scale, g, full, 0)
+    return nrows * width
+
+
+@njit(cache=True, fastmath={"contract"})
+def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv, qx, qv, inv_scale,
+                qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
+                scale, g, full, gcol):
+    """Fold the values of points [start, end) into the heaps of rows ``rows[:nrows]``.
+
+    The fast values' V products are g[rows[i] if full else i, gcol + b] for point start + b.
+    """
+    keep = heap_a.shape[1]
+    for i in range(nrows):
+        r = r0 + rows[i]
+        w = _prefix(pidx, start, end, qlimit[r])
+        if w == 0:
+            continue
+        vals = row[:w]
+        ha = heap_a[r]
+        hi = heap_i[r]
+        size = count[r]
+        me = qself[r]
+        if metric == 0:
+            if sequential:
+                _accurate_row(kernel_id, variance, qx[r], qv[r], qp[r], pxt, pv, pp, scale, start, vals)
+            else:
+                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[rows[i] if full else i, gcol:], vals, work)
+            dropped = a_dropped[r]
+            ka = kth_a[r]
+            kn = kth_n[r]
+            # position of the query itself in the (index-sorted) range, or -1
+            skip = -1
+            if 0 <= me < qlimit[r]:
+                pos = start + _prefix(pidx, start, start + w, me)
+                if pos < start + w and pidx[pos] == me:
+                    skip = pos - start
+            for b in range(w):
+                if b == skip:
+                    continue
+                a = vals[b]
+                if size == keep and a <= ha[0]:
+                    # the common case: below the keep-th (so below the k-th) kept value
+                    dropped = max(dropped, a)
+                    continue
+                kn = _kth_push(ka, kn, a)
+                if size < keep:
+                    _heap_push(ha, hi, size, a, pidx[start + b])
+                    size += 1
+                else:
+                    dropped = max(dropped, ha[0])
+                    ha[0] = a
+                    hi[0] = pidx[start + b]
+                    _sift_down(ha, hi, size)
+            a_dropped[r] = dropped
+            kth_n[r] = kn
+        else:
+            d = qx.shape[1]
+            for b in range(w):
+                j = pidx[start + b]
+                if j == me:
+                    continue
+                s = 0.0
+                for t in range(d):
+                    diff = (qx[r, t] - pxt[t, start + b]) * inv_scale[t]
+                    s += diff * diff
+                size = _eu_push(ha, hi, size, keep, -s, j)
+        count[r] = size
 
 
 class CpuBackend(Backend):

@@ -4,7 +4,7 @@ The shard is covered by *cut nodes*, each with the tree's node summary (docs/tre
 "Node summaries"): the leaves of a coarse residual tree over the shard (``build_tree`` with
 about ``leaves`` leaves) for its ordinary points, and one singleton node per *dense* point (tiny
 p, the inducing points and their neighbours), whose 1/sqrt(p) would make any shared node's
-bound vacuous. For a query q and a node N the tree's bound U_qN = ``tree_search.residual_bound``
+bound vacuous. For a query q and a node N the tree's bound U_qN = ``tree.bounds.residual_bound``
 (docs/tree.md section 2, derivation and rounding terms there) holds for every j in N; so
 
     U_qs = max over the cut nodes N of s with an admissible point (smallest index < limit_q) of U_qN
@@ -24,8 +24,7 @@ from numba import njit, prange
 from .._numba_math import row_norms
 from ..precision import accurate_rho_error, gamma, kernel_error
 from ..problem import ProblemView
-from ..tree import build_tree, transform_of
-from ..tree_search import query_factors, residual_bound
+from ..tree import build_tree, query_factors, residual_bound, transform_of
 
 _U = 2.0**-53
 #: absolute slack on |rho| in the pruning rule (module ``prunable``): far above the few u of

@@ -1,4 +1,4 @@
-//! The search tree (docs/tree.md, section 1), built the way `residual_gpu/tree.py` builds it
+//! The search tree (docs/tree.md, section 1), built the way `residual_gpu/tree/` (layout.py, bounds.py) builds it
 //! in its `parity` preset, so that every array is identical bit for bit.
 //!
 //! - Points with `p_j < dense_ratio * median(p)` are kept out of the tree (`dense`).
@@ -10,7 +10,7 @@
 //!   dataset index. Nodes are numbered in preorder, block after block.
 //! - Node summaries of `z_j = (T V_j) / sqrt(p_j)`: interval centre / radius per coordinate,
 //!   the range of `1 / sqrt(p_j)`, `zeta = max ||V_j|| / sqrt(p_j)` and the norm of
-//!   `max(|zlo|, |zhi|)`, with the rounding slack of tree.py.
+//!   `max(|zlo|, |zhi|)`, with the rounding slack of tree/bounds.py.
 //!
 //! Parity arithmetic: every sum is a plain sequential sum from 0.0 in ascending index order,
 //! and Rust never contracts `a * b + c` into an FMA, so the Python engine's `parity` preset
@@ -207,7 +207,7 @@ impl Transform {
     }
 }
 
-/// The flat arrays of the forest (field names as in tree.py's `SearchTree`).
+/// The flat arrays of the forest (field names as in tree/layout.py's `SearchTree`).
 /// Points and nodes are `usize` here; the Python wrapper returns int64 arrays.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SearchTree {
@@ -306,7 +306,7 @@ impl TreeParams {
     }
 }
 
-/// The kd split of one block (tree.py `_build_kd`, written recursively: left subtree first,
+/// The kd split of one block (tree/layout.py `_build_kd`, written recursively: left subtree first,
 /// which numbers the nodes in the same preorder as the explicit stack there).
 struct KdBuilder<'a> {
     x: &'a [f64],
@@ -393,8 +393,8 @@ fn build_forest(tree: &mut SearchTree, x: &[f64], inv_scale: &[f64], tree_points
     tree.perm = perm;
 }
 
-/// Leaf summaries before the rounding slack: (zlo, zhi, ymin, ymax, zeta) of tree.py
-/// `_leaf_minmax` for the points of one leaf.
+/// Leaf summaries before the rounding slack: (zlo, zhi, ymin, ymax, zeta) of
+/// tree/bounds.py `_leaf_minmax` for the points of one leaf.
 fn leaf_summary(
     points: &[usize],
     v: &[f64],
@@ -429,7 +429,7 @@ fn leaf_summary(
     (zlo, zhi, y0, y1, zt)
 }
 
-/// Node summaries (tree.py `_summaries`): leaves from their points, internal nodes merged
+/// Node summaries (tree/bounds.py `_summaries`): leaves from their points, internal nodes merged
 /// up in reverse preorder, then mid / rad / zeta / zabs with their rounding slack.
 fn summaries(tree: &mut SearchTree, v: &[f64], p: &[f64], vnorm: &[f64], transform: &Transform) {
     let m = tree.m;
@@ -499,7 +499,7 @@ pub fn inv_scale(prob: &ResidualProblem) -> Vec<f64> {
     prob.params().lengthscale.iter().map(|l| 1.0 / l).collect()
 }
 
-/// Builds the residual-metric forest of a problem (tree.py `build_tree`).
+/// Builds the residual-metric forest of a problem (tree/layout.py `build_tree`).
 /// `transform` must be for the problem's rank m (see [`Transform::new`]).
 pub fn build_tree(
     prob: &ResidualProblem,

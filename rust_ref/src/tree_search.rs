@@ -1,5 +1,5 @@
-//! The tree's select pass (docs/tree.md sections 2-4; `residual_gpu/tree_search.py`
-//! `TreeSearcher.run` / `_traverse_tile` / `_eval_block`), in the parity preset's arithmetic.
+//! The tree's select pass (docs/tree.md sections 2-4; `residual_gpu/tree/`'s `TreeSearcher.run`
+//! / `_traverse_tile` and `backends/cpu.py`'s `_eval_block`), in the parity preset's arithmetic.
 //!
 //! A select over a set of queries keeps, per query, the `keep` largest |rho| it evaluated
 //! (a bounded min-heap whose array layout is part of the result: certification breaks ties
@@ -23,7 +23,7 @@ use std::collections::BinaryHeap;
 pub const PARITY_TILE_SIZE: usize = 32;
 pub const PARITY_POP_BATCH: usize = 8;
 
-/// A pool entry marking "no admissible point / already accounted for" (tree_search.NOADM).
+/// A pool entry marking "no admissible point / already accounted for" (tree.traversal.NOADM).
 const NOADM: f64 = f64::NEG_INFINITY;
 
 /// gamma_(m+2) = (m + 2) u / (1 - (m + 2) u) (precision.gamma(m)).
@@ -38,7 +38,7 @@ pub fn kernel_error(d: usize) -> f64 {
 }
 
 /// Counters of the traversal, summed over tiles (the two maxima are maxima);
-/// names as in `tree_search.COUNTERS`.
+/// names as in `tree.traversal.COUNTERS`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TreeCounters {
     pub nodes_visited: u64,
@@ -75,7 +75,7 @@ impl TreeCounters {
         self.dense_pairs += o.dense_pairs;
     }
 
-    /// (name, value) pairs in `tree_search.COUNTERS` order.
+    /// (name, value) pairs in `tree.traversal.COUNTERS` order.
     pub fn named(&self) -> [(&'static str, u64); 14] {
         [
             ("nodes_visited", self.nodes_visited),
@@ -191,7 +191,7 @@ fn sift_down(ha: &mut [f64], hi: &mut [i64], size: usize) {
     }
 }
 
-/// Fold `a` into the min-heap `ka` of the largest values seen (tree_search `_kth_push`).
+/// Fold `a` into the min-heap `ka` of the largest values seen (backends.cpu `_kth_push`).
 fn kth_push(ka: &mut [f64], size: usize, a: f64) -> usize {
     let kk = ka.len();
     if size < kk {
@@ -301,7 +301,7 @@ impl TileState {
         }
     }
 
-    /// Pruning threshold of tile row i (tree_search `_threshold`): the k-th largest value
+    /// Pruning threshold of tile row i (tree.traversal `_threshold`): the k-th largest value
     /// evaluated so far minus twice the row's margin, once k values are known.
     #[inline]
     fn threshold(&self, i: usize, marg: f64) -> f64 {
@@ -444,7 +444,7 @@ impl<'a, 'p> TreeSearcher<'a, 'p> {
     }
 
     /// Upper bound U on |rho| between query `q` and every point of node `nd`
-    /// (tree_search.residual_bound), with `s0 = a . mid` and `sr = |a| . rad`.
+    /// (tree.bounds.residual_bound), with `s0 = a . mid` and `sr = |a| . rad`.
     pub fn node_bound(&self, q: &QueryRow, nd: usize) -> f64 {
         let tr = self.tree;
         let (s0, sr) = bound_products(&q.a, tr.mid(nd), tr.rad(nd));
@@ -466,7 +466,7 @@ impl<'a, 'p> TreeSearcher<'a, 'p> {
         nmin(1.0, u)
     }
 
-    /// Evaluates the index-sorted points `pts` for tile rows `rows` (tree_search
+    /// Evaluates the index-sorted points `pts` for tile rows `rows` (backends.cpu
     /// `_eval_block`): each row takes its admissible prefix and skips itself. Returns the
     /// pairs of the block computed, `rows.len()` x the longest prefix.
     fn eval_block(
@@ -532,7 +532,7 @@ impl<'a, 'p> TreeSearcher<'a, 'p> {
         (rows.len() * width) as u64
     }
 
-    /// One tile of queries (tree_search `_traverse_tile`).
+    /// One tile of queries (tree.traversal `_traverse_tile`).
     fn traverse_tile(&self, q: &[&QueryRow], keep: usize, kk: usize) -> (TileState, TreeCounters) {
         let tr = self.tree;
         let nt = q.len();

@@ -1,4 +1,4 @@
-"""The tree's block schedule (tree_blocks.BlockSchedule) and the backends' block requests.
+"""The tree's block schedule (tree.schedule.BlockSchedule) and the backends' block requests.
 
 The schedule asks the index's backend for its leaf blocks (``select_blocks``) and its bound
 products (``bound_products``), so ``method="tree"`` runs on every backend. Its answers are those of

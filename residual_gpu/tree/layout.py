@@ -19,8 +19,8 @@ Layout (docs/tree.md has the full description, precise enough to re-implement):
   the per-coordinate interval centre ``mid`` and radius ``rad`` (m each), the range
   [ymin, ymax] of 1/sqrt(p_j), zeta = max_j ||V_j|| / sqrt(p_j) and ||max(|lo|, |hi|)||.
 
-The bound these summaries give is derived in docs/tree.md and implemented in
-``tree_search.node_bound``.
+The summaries are computed by bounds.py (``_summaries``, called from ``build_tree``); the bound
+they give is derived in docs/tree.md section 2 and implemented in ``bounds.residual_bound``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ import time
 from dataclasses import dataclass, field, fields
 
 import numpy as np
-import scipy.linalg
-from numba import njit, prange
+from numba import njit
 from tqdm.auto import tqdm
 
-from ._numba_math import row_norms
-from .errors import IndexFormatError, InvalidArgumentError
+from ..errors import IndexFormatError, InvalidArgumentError
+from .bounds import _summaries
 
 #: version of the saved tree arrays; bump on any layout change
 TREE_FORMAT_VERSION = 1
@@ -44,9 +43,6 @@ METRICS = {"residual": 0, "euclidean": 1}
 #: points with p_j < DENSE_RATIO * median(p) are evaluated densely instead of living in the tree
 DENSE_RATIO = 1.0 / 64.0
 DEFAULT_LEAF_SIZE = 64
-#: Rows of V transformed at once while building the summaries.
-_SUMMARY_CHUNK = 8192
-_U = 2.0**-53
 
 
 def block_bounds(n: int, leaf_size: int) -> np.ndarray:
@@ -148,69 +144,6 @@ def _build_kd(idx, x, inv_scale, leaf_size, first_id, start0,
     for c in range(idx.size):
         perm[start0 + c] = work[c]
     return nid
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _transform_rows_sequential(t, v, y):
-    """z[j, u] = (sum_{w <= u} T[u, w] V[j, w]) * y_j, summed from 0.0 in ascending w.
-
-    The parity preset's replacement for dtrmm: one fixed order, no FMA, so the Rust oracle
-    reproduces the node summaries bit for bit.
-    """
-    z = np.empty(v.shape)
-    for j in prange(v.shape[0]):
-        for u in range(t.shape[0]):
-            s = 0.0
-            for w in range(u + 1):
-                s += t[u, w] * v[j, w]
-            z[j, u] = s * y[j]
-    return z
-
-
-@njit(cache=True, fastmath=False)
-def _leaf_minmax(z, c0, leaf_ids, node_start, node_end, zlo, zhi, y, vnorm, ymin, ymax, zeta):
-    """Per leaf (rows of z are tree positions c0, c0+1, ...): coordinate box and scalars."""
-    for li in range(leaf_ids.size):
-        nd = leaf_ids[li]
-        a = node_start[nd] - c0
-        b = node_end[nd] - c0
-        m = z.shape[1]
-        for t in range(m):
-            lo = z[a, t]
-            hi = lo
-            for r in range(a + 1, b):
-                v = z[r, t]
-                lo = min(lo, v)
-                hi = max(hi, v)
-            zlo[nd, t] = lo
-            zhi[nd, t] = hi
-        y0 = y[a]
-        y1 = y[a]
-        zt = 0.0
-        for r in range(a, b):
-            y0 = min(y0, y[r])
-            y1 = max(y1, y[r])
-            w = vnorm[r] * y[r]
-            zt = max(zt, w)
-        ymin[nd] = y0
-        ymax[nd] = y1
-        zeta[nd] = zt
-
-
-@njit(cache=True, fastmath=False)
-def _merge_up(node_left, node_right, zlo, zhi, ymin, ymax, zeta):
-    """Internal nodes' summaries from their children (reverse preorder: children first)."""
-    for nd in range(node_left.size - 1, -1, -1):
-        a = node_left[nd]
-        if a < 0:
-            continue
-        b = node_right[nd]
-        for t in range(zlo.shape[1]):
-            zlo[nd, t] = min(zlo[a, t], zlo[b, t])
-            zhi[nd, t] = max(zhi[a, t], zhi[b, t])
-        ymin[nd] = min(ymin[a], ymin[b])
-        ymax[nd] = max(ymax[a], ymax[b])
-        zeta[nd] = max(zeta[a], zeta[b])
 
 
 _INT_ARRAYS = frozenset(("perm", "node_start", "node_end", "node_left", "node_right", "node_min", "roots", "root_lo",
@@ -349,57 +282,6 @@ class SearchTree:
             bad("transform must be square")
 
 
-def _summaries(tree: SearchTree, v: np.ndarray, p: np.ndarray, v_norms: np.ndarray, transform: np.ndarray,
-               bar, sequential: bool) -> None:
-    nn = tree.nodes
-    m = v.shape[1]
-    zlo = np.empty((nn, m))
-    zhi = np.empty((nn, m))
-    ymin = np.empty(nn)
-    ymax = np.empty(nn)
-    zeta = np.empty(nn)
-    leaves = np.flatnonzero(tree.node_left < 0)
-    leaves = leaves[np.argsort(tree.node_start[leaves], kind="stable")]
-    y_all = 1.0 / np.sqrt(p)
-    pos = 0
-    li = 0
-    npts = tree.perm.size
-    while pos < npts:
-        # whole leaves, about _SUMMARY_CHUNK rows at a time
-        lj = li
-        while lj < leaves.size and tree.node_end[leaves[lj]] - pos <= _SUMMARY_CHUNK:
-            lj += 1
-        lj = max(lj, li + 1)
-        end = int(tree.node_end[leaves[lj - 1]])
-        rows = tree.perm[pos:end]
-        vc = v[rows]
-        y = y_all[rows]
-        if transform.size and sequential:
-            z = _transform_rows_sequential(transform, vc, y)
-        else:
-            if transform.size:
-                # z = (T V_j) scaled: columns of T V^T, computed on the transposed (Fortran-order)
-                # view so that BLAS copies nothing; z itself is then C-ordered again
-                z = scipy.linalg.blas.dtrmm(1.0, transform, vc.T, side=0, lower=1, trans_a=0).T
-            else:
-                z = np.array(vc)
-            z *= y[:, None]
-        _leaf_minmax(np.ascontiguousarray(z), pos, leaves[li:lj], tree.node_start, tree.node_end, zlo, zhi, y,
-                     v_norms[rows], ymin, ymax, zeta)
-        bar.update(end - pos)
-        pos = end
-        li = lj
-    _merge_up(tree.node_left, tree.node_right, zlo, zhi, ymin, ymax, zeta)
-    zabs = np.maximum(np.abs(zlo), np.abs(zhi))
-    tree.node_mid = (zlo + zhi) * 0.5
-    # the interval [mid - rad, mid + rad] must contain [zlo, zhi] despite the rounding of mid and rad
-    tree.node_rad = (zhi - zlo) * 0.5 + 4.0 * _U * zabs
-    tree.node_ymin = ymin
-    tree.node_ymax = ymax
-    tree.node_zeta = zeta * (1.0 + 4.0 * _U)
-    tree.node_zabs = row_norms(zabs) * (1.0 + (m + 2) * _U)
-
-
 def build_forest(coords: np.ndarray, inv_scale: np.ndarray, tree_points: np.ndarray, bounds: np.ndarray,
                  leaf_size: int):
     """kd-trees over ``tree_points`` (ascending dataset indices), one per index block."""
@@ -509,7 +391,7 @@ def euclidean_knn(coords, k: int, queries=None, query_coords=None, leaf_size: in
     queries: dataset indices (default every point; a point is not its own neighbour) or
     query_coords: new locations. Returns (indices, distances) ascending, ties to the smaller index.
     """
-    from .tree_search import euclidean_search
+    from .searcher import euclidean_search
 
     x = np.ascontiguousarray(np.asarray(coords, dtype=np.float64))
     if x.ndim == 1:

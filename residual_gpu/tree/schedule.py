@@ -1,6 +1,6 @@
 """The tree's select as a few large backend requests (any backend): seed, bound, sweep.
 
-The fused CPU traversal (tree_search._traverse_tile) interleaves bounds and leaf blocks in
+The fused CPU traversal (traversal._traverse_tile) interleaves bounds and leaf blocks in
 hundreds of small rounds per tile, which a device would pay a round trip for each. This
 schedule asks the backend for three things per chunk of queries, whatever the backend:
 
@@ -11,25 +11,26 @@ schedule asks the backend for three things per chunk of queries, whatever the ba
    threshold), exactly as the fused traversal's ``_threshold``;
 2. **bound**: every (query, admissible leaf) pair bounded by the leaves' node bound U_q
    (docs/tree.md, "The bound"): one ``bound_products`` request (two GEMMs against the leaves'
-   summaries) and the bound's scalar part on the host (tree_search._bound_matrix);
+   summaries) and the bound's scalar part on the host (bounds._bound_matrix);
 3. **sweep**: per tile, every leaf that some query of the tile cannot prune (U >= threshold),
    one more ``select_blocks`` request for all tiles.
 
 A pair neither seeded nor swept is dropped with its bound, so the select keeps the tree's
-contract (tree_search module docstring) and certification proves the same answers bit for
+contract (searcher.TreeSearcher.select) and certification proves the same answers bit for
 bit. The leaves are bounded flat, without the hierarchy: that is q x leaves bounds, which the
-fused traversal beats at large n (docs/benchmarks.md, "Block schedule").
+fused traversal beats at large n (docs/tree.md section 4b).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .backends.base import BlockList, Candidates, QueryBatch
-from .brute import _merge_rows
-from .hilbert import hilbert_order
-from .problem import ProblemView
-from .tree_search import COUNTERS, NOADM, _bound_matrix
+from ..backends.base import BlockList, Candidates, QueryBatch
+from ..brute import _merge_rows
+from ..hilbert import hilbert_order
+from ..problem import ProblemView
+from .bounds import _bound_matrix
+from .traversal import COUNTERS, NOADM
 
 #: queries per tile: a tile evaluates its leaves for all of its rows (smaller tiles evaluate
 #: fewer pairs that a row alone would have pruned; larger ones make wider GEMMs)
@@ -171,7 +172,7 @@ class BlockSchedule:
         parts.append(self.backend.select_blocks(self.tree_points, batch_fast, keep, self._blocks(row_ptr, seed)))
         seed_pairs = sum(c.evaluations for c in parts)
         ha, hi, ad = _merge(parts, keep)
-        # 2. thresholds from what the seed found (tree_search._threshold's rule)
+        # 2. thresholds from what the seed found (traversal._threshold's rule)
         thr = qfloor[rows].copy()
         if kk > 0:
             full = np.count_nonzero(hi >= 0, axis=1) >= kk
