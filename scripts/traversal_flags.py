@@ -18,7 +18,8 @@ import numpy as np
 import residual_gpu as rg
 from residual_gpu.suites import get_suite
 
-CONFIGS = {"off (box order)": rg.TraversalFlags(), "order=bound": rg.TraversalFlags(order="bound")}
+CONFIGS = {"off (box order)": rg.TraversalFlags(), "order=bound": rg.TraversalFlags(order="bound"),
+           "schedule=blocks": rg.TraversalFlags(schedule="blocks")}
 
 
 def main() -> None:
