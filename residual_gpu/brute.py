@@ -111,11 +111,17 @@ class BruteSelect:
 
 
 def _merge(parts, keep: int):
-    """The ``keep`` largest kept values per row over the parts (global indices) and the dropped
-    maximum: every part's, and whatever the merge leaves out."""
-    idx = np.concatenate([np.where(c.index >= 0, part.ids[np.maximum(c.index, 0)], -1) for part, c in parts], axis=1)
-    val = np.concatenate([c.abs_rho for _, c in parts], axis=1)
-    dropped = np.max(np.stack([c.a_dropped for _, c in parts]), axis=0)
+    """merge_candidates over the parts' candidates, their indices made global (part.ids)."""
+    return merge_candidates([Candidates(np.where(c.index >= 0, part.ids[np.maximum(c.index, 0)], -1), c.abs_rho,
+                                        c.a_dropped, c.evaluations) for part, c in parts], keep)
+
+
+def merge_candidates(cands, keep: int):
+    """(heap_i, heap_a, dropped): the ``keep`` largest kept values per row over candidate sets in
+    one numbering, and the dropped maximum: every set's, and whatever the merge leaves out."""
+    idx = np.concatenate([c.index for c in cands], axis=1)
+    val = np.concatenate([c.abs_rho for c in cands], axis=1)
+    dropped = np.max(np.stack([c.a_dropped for c in cands]), axis=0)
     heap_a = np.full((idx.shape[0], keep), -1.0)
     heap_i = np.full((idx.shape[0], keep), -1, dtype=np.int64)
     _merge_rows(idx, val, heap_a, heap_i, dropped)

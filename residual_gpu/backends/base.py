@@ -103,6 +103,16 @@ class BlockList:
     def tiles(self) -> int:
         return self.row_ptr.size - 1
 
+    def row_lists(self) -> tuple[np.ndarray, np.ndarray]:
+        """(range_rows_ptr, range_rows), with every range taking its whole tile where none were named."""
+        if self.range_rows_ptr is not None:
+            return self.range_rows_ptr, self.range_rows
+        tile = np.repeat(np.arange(self.tiles), np.diff(self.range_ptr))  # each range's tile
+        rows = [np.arange(self.row_ptr[t], self.row_ptr[t + 1], dtype=np.int64) for t in tile]
+        ptr = np.zeros(tile.size + 1, dtype=np.int64)
+        np.cumsum([r.size for r in rows], out=ptr[1:])
+        return ptr, np.concatenate(rows) if rows else np.zeros(0, np.int64)
+
     def columns(self, t: int) -> np.ndarray:
         """Tile t's positions, range by range."""
         s0, s1 = self.range_ptr[t], self.range_ptr[t + 1]

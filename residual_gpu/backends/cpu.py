@@ -640,12 +640,7 @@ class CpuBackend(Backend):
         count = np.zeros(q, dtype=np.int64)
         a_dropped = np.full(q, -1.0)
         evaluations = np.zeros(q, dtype=np.int64)
-        rows_ptr, rows = blocks.range_rows_ptr, blocks.range_rows
-        if rows_ptr is None:  # every range takes its whole tile
-            tile = np.repeat(np.arange(blocks.tiles), np.diff(blocks.range_ptr))
-            sizes = np.diff(blocks.row_ptr)[tile]
-            rows_ptr = np.r_[0, np.cumsum(sizes)].astype(np.int64)
-            rows = (np.arange(rows_ptr[-1]) - np.repeat(rows_ptr[:-1] - blocks.row_ptr[tile], sizes)).astype(np.int64)
+        rows_ptr, rows = blocks.row_lists()
         with single_blas_thread():
             _select_ranges(prepared.kernel_id, prepared.variance, batch.coords, prepared.inv_scale,
                            1.0 / np.sqrt(batch.p), batch.self_index, batch.limit,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.base import BlockList, Candidates, QueryBatch
-from ..brute import _merge_rows
+from ..brute import merge_candidates
 from ..hilbert import hilbert_order
 from ..problem import ProblemView
 from .bounds import _bound_matrix
@@ -73,7 +73,7 @@ class BlockSchedule:
     def _leaf_bounds(self, qx, qip, qa, qrn, qna, qlimit) -> np.ndarray:
         """U (q, leaves): the node bound of every (query, leaf) pair, NOADM where inadmissible."""
         s = self.searcher
-        s0, sr = self.backend.bound_products(self.bounds, qa.astype(s.mid_fast.dtype))
+        s0, sr = self.backend.bound_products(self.bounds, qa)  # in the summaries' precision
         out = np.empty(s0.shape)
         _bound_matrix(s.kernel_id, s.variance, s.kerr, s.eps_d, s.gam, s.gam_prod, s.tnorm, self.leaf_lo, self.leaf_hi,
                       *self._leaf_summary, np.ascontiguousarray(s0), np.ascontiguousarray(sr), qx, s.inv_scale, qip,
@@ -171,7 +171,7 @@ class BlockSchedule:
         seed = self._seeds(qx_o, row_ptr, adm_tile)
         parts.append(self.backend.select_blocks(self.tree_points, batch_fast, keep, self._blocks(row_ptr, seed)))
         seed_pairs = sum(c.evaluations for c in parts)
-        ha, hi, ad = _merge(parts, keep)
+        hi, ha, ad = merge_candidates(parts, keep)
         # 2. thresholds from what the seed found (traversal._threshold's rule)
         thr = qfloor[rows].copy()
         if kk > 0:
@@ -181,12 +181,11 @@ class BlockSchedule:
         alive = adm & (ub >= thr[:, None])
         # 3. sweep: per tile, every leaf one of its rows cannot prune and the seed did not evaluate
         sweep = np.logical_or.reduceat(alive, row_ptr[:-1], axis=0) & ~seed
-        parts = [Candidates(hi, ha, ad, 0),
-                 self.backend.select_blocks(self.tree_points, batch_fast, keep, self._blocks(row_ptr, sweep, alive))]
         evaluated = seed | sweep
-        pruned = adm & ~evaluated[tile_of]
-        parts[0].a_dropped = np.maximum(ad, np.max(np.where(pruned, ub, -1.0), axis=1, initial=-1.0))
-        ha, hi, ad = _merge(parts, keep)
+        pruned = adm & ~evaluated[tile_of]  # dropped with their bound
+        ad = np.maximum(ad, np.max(np.where(pruned, ub, -1.0), axis=1, initial=-1.0))
+        swept = self.backend.select_blocks(self.tree_points, batch_fast, keep, self._blocks(row_ptr, sweep, alive))
+        hi, ha, ad = merge_candidates([Candidates(hi, ha, ad, 0), swept], keep)
         n_adm = int(np.count_nonzero(adm))
         totals["nodes_visited"] += int(np.count_nonzero(adm_tile))
         totals["bound_evaluations"] += n_adm
@@ -194,19 +193,8 @@ class BlockSchedule:
         totals["prunes_bound"] += int(np.count_nonzero(pruned))
         totals["prunes_predecessor"] += adm.size - n_adm
         totals["rounds"] += 2 * (row_ptr.size - 1)
-        totals["blocks"] += int(np.count_nonzero(evaluated))
-        totals["leaves_evaluated"] += int(np.count_nonzero(evaluated))
-        totals["block_pairs"] += seed_pairs + parts[1].evaluations
+        leaf_blocks = int(np.count_nonzero(evaluated))  # (tile, leaf) blocks: each one leaf's block
+        totals["blocks"] += leaf_blocks
+        totals["leaves_evaluated"] += leaf_blocks
+        totals["block_pairs"] += seed_pairs + swept.evaluations
         return ha, hi, ad
-
-
-def _merge(parts, keep: int):
-    """(heap_a, heap_i, dropped): the ``keep`` largest values per row over the candidate sets
-    (dataset indices), and the dropped maximum: every part's, and whatever the merge leaves out."""
-    idx = np.concatenate([c.index for c in parts], axis=1)
-    val = np.concatenate([c.abs_rho for c in parts], axis=1)
-    dropped = np.max(np.stack([c.a_dropped for c in parts]), axis=0)
-    heap_a = np.full((idx.shape[0], keep), -1.0)
-    heap_i = np.full((idx.shape[0], keep), -1, dtype=np.int64)
-    _merge_rows(idx, val, heap_a, heap_i, dropped)
-    return heap_a, heap_i, dropped
