@@ -148,13 +148,9 @@ class Backend(ABC):
         in its column ranges, admissible where ids[j] < limit and ids[j] != self_index; the
         returned indices are ids. This default evaluates each tile with ``abs_rho_tile`` and folds
         it on the host; a backend may fuse both."""
-        from .cpu import fold_block_values
+        from .cpu import fold_block_values, select_state
 
-        q = batch.size
-        heap_a = np.full((q, keep), -1.0)
-        heap_i = np.full((q, keep), -1, dtype=np.int64)
-        count = np.zeros(q, dtype=np.int64)
-        a_dropped = np.full(q, -1.0)
+        heap_a, heap_i, count, a_dropped, _ = select_state(batch.size, keep)
         evaluations = 0
         for t in range(blocks.tiles):
             r0, r1 = int(blocks.row_ptr[t]), int(blocks.row_ptr[t + 1])

@@ -589,6 +589,13 @@ def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
         count[r] = size
 
 
+def select_state(q: int, keep: int):
+    """Empty per-query select state: heaps (values -1, indices -1), their sizes, the dropped
+    maxima (-1: none dropped) and the evaluation counts."""
+    return (np.full((q, keep), -1.0), np.full((q, keep), -1, dtype=np.int64), np.zeros(q, dtype=np.int64),
+            np.full(q, -1.0), np.zeros(q, dtype=np.int64))
+
+
 class CpuBackend(Backend):
     """Numba + BLAS on the host; always available."""
 
@@ -617,12 +624,7 @@ class CpuBackend(Backend):
                            prepared.inv_sqrt_p[cols], g)
 
     def select_candidates(self, prepared, batch: QueryBatch, keep: int) -> Candidates:
-        q = batch.size
-        heap_a = np.full((q, keep), -1.0)
-        heap_i = np.full((q, keep), -1, dtype=np.int64)
-        count = np.zeros(q, dtype=np.int64)
-        a_dropped = np.full(q, -1.0)
-        evaluations = np.zeros(q, dtype=np.int64)
+        heap_a, heap_i, count, a_dropped, evaluations = select_state(batch.size, keep)
         # Parallelism is across query tiles, each with a single-threaded GEMM: BLAS threads
         # and Numba threads would otherwise take turns (and spin against each other).
         with single_blas_thread():
@@ -634,12 +636,7 @@ class CpuBackend(Backend):
         return Candidates(index=heap_i, abs_rho=heap_a, a_dropped=a_dropped, evaluations=int(evaluations.sum()))
 
     def select_blocks(self, prepared, batch: QueryBatch, keep: int, blocks: BlockList) -> Candidates:
-        q = batch.size
-        heap_a = np.full((q, keep), -1.0)
-        heap_i = np.full((q, keep), -1, dtype=np.int64)
-        count = np.zeros(q, dtype=np.int64)
-        a_dropped = np.full(q, -1.0)
-        evaluations = np.zeros(q, dtype=np.int64)
+        heap_a, heap_i, count, a_dropped, evaluations = select_state(batch.size, keep)
         rows_ptr, rows = blocks.row_lists()
         with single_blas_thread():
             _select_ranges(prepared.kernel_id, prepared.variance, batch.coords, prepared.inv_scale,
