@@ -1,6 +1,6 @@
 """The tree's traversal flags against the flags off, in one run (docs/benchmarks.md, "Traversal flags").
 
-    PYTHONPATH=. python scripts/traversal_flags.py --suite vif --n 131072 [--repeats 2]
+    PYTHONPATH=. python scripts/traversal_flags.py --suite vif --n 131072 [--repeats 2] [--config gemm=union ...]
 
 One problem and one all-points predecessor query per configuration, configurations alternated
 ``repeats`` times (so that drift on a shared machine hits all alike); prints the median seconds
@@ -19,7 +19,7 @@ import residual_gpu as rg
 from residual_gpu.suites import get_suite
 
 CONFIGS = {"off (box order)": rg.TraversalFlags(), "order=bound": rg.TraversalFlags(order="bound"),
-           "schedule=blocks": rg.TraversalFlags(schedule="blocks")}
+           "gemm=union": rg.TraversalFlags(gemm="union"), "schedule=blocks": rg.TraversalFlags(schedule="blocks")}
 
 
 def main() -> None:
@@ -27,11 +27,14 @@ def main() -> None:
     ap.add_argument("--suite", default="vif", choices=["vif", "spatial"])
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--config", action="append", choices=list(CONFIGS)[1:],
+                    help="flags to run against the flags off (repeatable; default: all)")
     args = ap.parse_args()
+    names = ["off (box order)"] + (args.config or list(CONFIGS)[1:])
     case = get_suite(args.suite, args.n)
     prob = rg.ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
-    indexes = {name: rg.ResidualIndex(prob, method="tree", traversal=flags) for name, flags in CONFIGS.items()}
-    seconds = {name: [] for name in CONFIGS}
+    indexes = {name: rg.ResidualIndex(prob, method="tree", traversal=CONFIGS[name]) for name in names}
+    seconds = {name: [] for name in names}
     last = {}
     for _ in range(args.repeats):
         for name, index in indexes.items():
