@@ -1,6 +1,6 @@
 """The tree's traversal flags against the flags off, in one run (docs/benchmarks.md, "Traversal flags").
 
-    PYTHONPATH=. python scripts/traversal_flags.py --suite vif --n 131072 [--repeats 2] [--config gemm=union ...]
+    PYTHONPATH=. python scripts/traversal_flags.py --suite vif --n 131072 [--repeats 2] [--config order=bound ...]
 
 One problem and one all-points predecessor query per configuration, configurations alternated
 ``repeats`` times (so that drift on a shared machine hits all alike); prints the median seconds
@@ -19,7 +19,7 @@ import residual_gpu as rg
 from residual_gpu.suites import get_suite
 
 CONFIGS = {"off (box order)": rg.TraversalFlags(), "order=bound": rg.TraversalFlags(order="bound"),
-           "gemm=union": rg.TraversalFlags(gemm="union"), "schedule=blocks": rg.TraversalFlags(schedule="blocks")}
+           "schedule=blocks": rg.TraversalFlags(schedule="blocks")}
 
 
 def main() -> None:

@@ -4,9 +4,9 @@
 
 On one thread, for the `vif` suite: one tile of 128 queries evaluates the first ``--leaves``
 leaves of the tree with 128, 70 (the measured average) and 30 alive rows, through the
-traversal's own block evaluator (`backends.cpu._eval_block`: gather of the alive V rows, GEMM,
-fused kernel transform, heap pushes), next to the same gather + GEMM alone and the GEMM
-alone, in float64 and in float32 (the leaf precision "auto" picks where its certified margin
+traversal's own block evaluator (`backends.cpu._eval_block`: gather of the alive V rows, the
+small product `_numba_gemm.gemm_nt`, fused kernel transform, heap pushes), next to that product
+alone and BLAS's GEMM of the same shape (Numba's np.dot) alone, in float64 and in float32 (the leaf precision "auto" picks where its certified margin
 is small), and one large float64 GEMM of the tile against 12,800 candidates (brute force's
 shape). Every number is nanoseconds per pair, medians of 5 runs in this process, so the
 ratios are what matters.
@@ -23,23 +23,22 @@ from numba import njit
 from threadpoolctl import threadpool_limits
 
 import residual_gpu as rg
+from residual_gpu._numba_gemm import gemm_nt
 from residual_gpu.backends import cpu as cpu_backend
 from residual_gpu.suites import get_suite
 
 
 @njit(cache=True)
-def _gather_gemm(rows, nrows, qv, pv, starts, ends, qbuf, gather):
+def _products(nrows, qv, pv, starts, ends, blas):
+    """The leaf products alone: the tree's gemm_nt, or BLAS (Numba's np.dot) for comparison."""
     pairs = 0
     for li in range(starts.size):
         s0 = starts[li]
         w = ends[li] - s0
-        if gather:
-            for i in range(nrows):
-                for t in range(qv.shape[1]):
-                    qbuf[i, t] = qv[rows[i], t]
-            np.dot(qbuf[:nrows], pv[s0:s0 + w].T)
-        else:
+        if blas:
             np.dot(qv[:nrows], pv[s0:s0 + w].T)
+        else:
+            gemm_nt(qv[:nrows], pv[s0:s0 + w], np.empty((nrows, w), dtype=qv.dtype))
         pairs += nrows * w
     return pairs
 
@@ -90,18 +89,18 @@ def main():
     big = pv64[:12800]
     with threadpool_limits(1):
         print(f"vif n={n}, m={prob.m}, leaves of ~{np.mean(ends - starts):.0f} points, one thread; ns per pair")
-        print("precision | alive rows | tree block (all steps) | gather + GEMM | GEMM alone")
+        print("precision | alive rows | tree block (all steps) | its product (gemm_nt) alone | BLAS GEMM alone")
         for dtype in (np.float64, np.float32):
             qv_d, pv_d = qv.astype(dtype), pv64.astype(dtype)
             qbuf_d = np.empty((q, prob.m), dtype=dtype)
             blocks(q, qv_d, pv_d, qbuf_d)
-            _gather_gemm(sel, q, qv_d, pv_d, starts, ends, qbuf_d, True)
-            _gather_gemm(sel, q, qv_d, pv_d, starts, ends, qbuf_d, False)
+            _products(q, qv_d, pv_d, starts, ends, True)
+            _products(q, qv_d, pv_d, starts, ends, False)
             for nrows in (128, 70, 30):
                 full = _ns_per_pair(partial(blocks, nrows, qv_d, pv_d, qbuf_d))
-                gg = _ns_per_pair(partial(_gather_gemm, sel, nrows, qv_d, pv_d, starts, ends, qbuf_d, True))
-                g = _ns_per_pair(partial(_gather_gemm, sel, nrows, qv_d, pv_d, starts, ends, qbuf_d, False))
-                print(f"{np.dtype(dtype).name} | {nrows} | {full:.1f} | {gg:.1f} | {g:.1f}")
+                own = _ns_per_pair(partial(_products, nrows, qv_d, pv_d, starts, ends, False))
+                blas = _ns_per_pair(partial(_products, nrows, qv_d, pv_d, starts, ends, True))
+                print(f"{np.dtype(dtype).name} | {nrows} | {full:.1f} | {own:.1f} | {blas:.1f}")
 
         def one_gemm():
             qv @ big.T

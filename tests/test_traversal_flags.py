@@ -12,7 +12,7 @@ from conftest import CASE_IDS, CASES, make_problem
 
 import residual_gpu as rg
 
-FLAGS = [rg.TraversalFlags(order="bound"), rg.TraversalFlags(gemm="union"), rg.TraversalFlags(schedule="blocks")]
+FLAGS = [rg.TraversalFlags(order="bound"), rg.TraversalFlags(schedule="blocks")]
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=repr)
@@ -49,8 +49,6 @@ def test_flags_validation_and_with_kernel():
     problem = make_problem(0, 200, 2, rg.Matern32(lengthscale=0.1), 12)
     with pytest.raises(rg.InvalidArgumentError, match=r"TraversalFlags.order must be 'box' or 'bound', got order='depth'"):
         rg.TraversalFlags(order="depth")
-    with pytest.raises(rg.InvalidArgumentError, match=r"TraversalFlags.gemm must be 'leaf' or 'union', got gemm='rows'"):
-        rg.TraversalFlags(gemm="rows")
     with pytest.raises(rg.InvalidTypeError, match=r"traversal must be a residual_gpu.TraversalFlags"):
         rg.ResidualIndex(problem, method="tree", traversal={"order": "bound"})
     with pytest.raises(rg.InvalidArgumentError, match=r"preset='parity' fixes the traversal"):

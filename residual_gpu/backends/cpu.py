@@ -19,6 +19,7 @@ import scipy.linalg  # noqa: F401 (Numba's np.dot calls scipy's BLAS: loaded bef
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
+from .._numba_gemm import gemm_nt
 from .._numba_math import (
     _EXP32_MIN,
     _SQRT3,
@@ -393,9 +394,10 @@ def fold_block_values(vals, col_ids, qlimit, qself, heap_a, heap_i, count, a_dro
 # the tree's leaf blocks: (rows of a query tile) x (a prefix of a contiguous range of points)
 # --------------------------------------------------------------------------------------
 # The tree's traversal (residual_gpu/tree/traversal.py) calls _eval_block for the dense block
-# and for each leaf it does not prune, and _fold_block for the leaves it batches into one GEMM;
-# both fold the block's values into the rows' heaps, the residual metric's also into the
-# k-th-value heaps (_kth_push) the traversal's pruning thresholds read.
+# and for each leaf it does not prune: a small product (_numba_gemm.gemm_nt, not BLAS, whose
+# packing costs as much as the product at these shapes), then _fold_block folds the values into
+# the rows' heaps, the residual metric's also into the k-th-value heaps (_kth_push) the
+# traversal's pruning thresholds read.
 
 
 @njit(inline="always", cache=True)
@@ -507,16 +509,16 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
     grow = rows  # the g row of rows[i]: the tile row, or i where the rows are gathered
     if metric == 0 and not sequential:
         if _mostly_alive(nrows, nt):
-            g = np.dot(qv[r0:r0 + nt], pv[start:start + width].T)
+            g = gemm_nt(qv[r0:r0 + nt], pv[start:start + width], np.empty((nt, width), dtype=qbuf.dtype))
         else:
             grow = np.arange(nrows)
             _gather_rows(qv, r0, rows, nrows, qbuf)
-            g = np.dot(qbuf[:nrows], pv[start:start + width].T)
+            g = gemm_nt(qbuf[:nrows], pv[start:start + width], np.empty((nrows, width), dtype=qbuf.dtype))
     else:
         g = np.empty((1, 1), dtype=qbuf.dtype)
     _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv, qx, qv, inv_scale,
                 qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
-                scale, g, grow, 0)
+                scale, g, grow)
     return nrows * width
 
 
@@ -530,67 +532,13 @@ def _gather_rows(qv, r0, rows, nrows, qbuf):
             qbuf[i, t] = qv[r, t]
 
 
-#: a round's partly alive leaves share one GEMM over the union of their alive rows
-#: (TraversalFlags(gemm="union")) while it computes at most this many times their alive pairs
-UNION_MAX_WASTE = 1.25
-
-
-@njit(cache=True, fastmath={"contract"})
-def _eval_union(kernel_id, variance, nleaves, lstart, lend, lwidth, lnrows, lrows, r0, pidx, pxt, pip, pv, qx, qv,
-                inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf, cbuf, upos,
-                urow, lcol, row, work, qp, pp, scale):
-    """The fast-pass leaf blocks of leaves [0, nleaves) (points [lstart, lend), admissible prefix
-    lwidth, alive tile rows lrows[e, :lnrows[e]]) as one GEMM: the union of their alive rows
-    gathered into qbuf (or the tile's own rows when the union is mostly alive) against their
-    points copied side by side into cbuf, each leaf then folded for its own rows. When the union
-    would compute more than UNION_MAX_WASTE times the alive pairs, one gathered block per leaf
-    (_eval_block) instead. upos, urow, lcol: int64 scratch (tile rows, tile rows, leaves)."""
-    nt = qbuf.shape[0]
-    for i in range(nt):
-        upos[i] = -1
-    nu = 0
-    alive_pairs = 0
-    cols = 0
-    for e in range(nleaves):
-        alive_pairs += lnrows[e] * lwidth[e]
-        lcol[e] = cols
-        cols += lwidth[e]
-        for a in range(lnrows[e]):
-            i = lrows[e, a]
-            if upos[i] < 0:
-                upos[i] = nu
-                urow[nu] = i
-                nu += 1
-    if nu * cols > UNION_MAX_WASTE * alive_pairs:
-        for e in range(nleaves):
-            _eval_block(0, kernel_id, variance, lrows[e], lnrows[e], r0, lstart[e], lend[e], pidx, pxt, pip, pv,
-                        qx, qv, inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf,
-                        row, work, False, qp, pp, scale)
-        return
-    for e in range(nleaves):
-        cbuf[lcol[e]:lcol[e] + lwidth[e]] = pv[lstart[e]:lstart[e] + lwidth[e]]
-    full = _mostly_alive(nu, nt)
-    if full:
-        g = np.dot(qv[r0:r0 + nt], cbuf[:cols].T)
-    else:
-        _gather_rows(qv, r0, urow, nu, qbuf)
-        g = np.dot(qbuf[:nu], cbuf[:cols].T)
-    grow = np.empty(nt, dtype=np.int64)
-    for e in range(nleaves):
-        for a in range(lnrows[e]):
-            grow[a] = lrows[e, a] if full else upos[lrows[e, a]]
-        _fold_block(0, kernel_id, variance, lrows[e], lnrows[e], r0, lstart[e], lend[e], pidx, pxt, pip, pv, qx,
-                    qv, inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work,
-                    False, qp, pp, scale, g, grow, lcol[e])
-
-
 @njit(cache=True, fastmath={"contract"})
 def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv, qx, qv, inv_scale,
                 qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
-                scale, g, grow, gcol):
+                scale, g, grow):
     """Fold the values of points [start, end) into the heaps of rows ``rows[:nrows]``.
 
-    The fast values' V products are g[grow[i], gcol + b] for row rows[i] and point start + b.
+    The fast values' V products are g[grow[i], b] for row rows[i] and point start + b.
     """
     keep = heap_a.shape[1]
     for i in range(nrows):
@@ -607,7 +555,7 @@ def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
             if sequential:
                 _accurate_row(kernel_id, variance, qx[r], qv[r], qp[r], pxt, pv, pp, scale, start, vals)
             else:
-                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[grow[i], gcol:], vals, work)
+                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[grow[i]], vals, work)
             dropped = a_dropped[r]
             ka = kth_a[r]
             kn = kth_n[r]

@@ -173,8 +173,7 @@ class TreeSearcher:
                           self.didx, self.dxt, self.dip, self.dv, self.inv_scale, qx_o, qv_o, qip_o, qrn_o,
                           qna_o, qmarg_o, qfloor_o, qself_o, qlim_o, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
                           counters, self.sequential, qp_o, self.pp, self.dp, self.scale, qv_fast, self.pv_fast, qa_fast,
-                          self.mid_fast, self.rad_fast, self.gam_prod, self.flags.order == "bound",
-                          self.flags.gemm == "union")
+                          self.mid_fast, self.rad_fast, self.gam_prod, self.flags.order == "bound")
         inv = np.empty(q, dtype=np.int64)
         inv[order] = np.arange(q)
         totals = {name: int(counters[:, c].max() if name in ("frontier_max", "block_pairs_max") else counters[:, c].sum())

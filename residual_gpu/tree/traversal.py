@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..backends.cpu import _block_width, _eval_block, _eval_union, _fold_block, _mostly_alive
+from .._numba_gemm import gemm_nt
+from ..backends.cpu import _eval_block
 from ..errors import InvalidArgumentError
 from .bounds import _sequential_products, box_distances, residual_bound
 
@@ -171,7 +172,7 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                    pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
                    qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
                    heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-                   qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound, union_gemm):
+                   qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound):
     """One tile of queries: rows [tile * tile_size, ...) of the query arrays (see the module docstring)."""
     q = qx.shape[0]
     d = qx.shape[1]
@@ -231,26 +232,6 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
     radbuf = np.empty((ecap, max(m, 1)), dtype=mid_fast.dtype)
     ub = np.empty(nt)
     ne = 0
-    # a round's mostly-alive leaves (see _mostly_alive) are evaluated together: their points'
-    # V rows copied side by side into lbuf, one GEMM against all tile rows (wider than one leaf,
-    # and the tile rows are packed once)
-    batched = metric == 0 and not sequential
-    pcap = pop_batch if batched else 0
-    lbuf = np.empty((pcap * blk_cap, max(m, 1)), dtype=pv_fast.dtype)
-    pnode = np.empty(pcap, dtype=np.int64)
-    pcol = np.empty(pcap, dtype=np.int64)
-    pnrows = np.empty(pcap, dtype=np.int64)
-    prows = np.empty((pcap, nt), dtype=np.int64)
-    # with union_gemm (TraversalFlags.gemm), the round's partly alive leaves too, for one GEMM
-    # over the union of their alive rows (backends.cpu._eval_union)
-    ucap = pop_batch if batched and union_gemm else 0
-    ubuf = np.empty((ucap * blk_cap, max(m, 1)), dtype=pv_fast.dtype)
-    ustart = np.empty(ucap, dtype=np.int64)
-    uend = np.empty(ucap, dtype=np.int64)
-    uwidth = np.empty(ucap, dtype=np.int64)
-    unrows = np.empty(ucap, dtype=np.int64)
-    urows = np.empty((ucap, nt), dtype=np.int64)
-    uscratch = np.empty((3, max(nt, ucap)), dtype=np.int64)
     for b in range(roots.shape[0]):
         any_adm = False
         for i in range(nt):
@@ -277,8 +258,8 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                 if sequential:
                     s0, sr = _sequential_products(amat, absa, midbuf[:ne], radbuf[:ne])
                 else:
-                    s0 = np.dot(amat, midbuf[:ne].T)
-                    sr = np.dot(absa, radbuf[:ne].T)
+                    s0 = gemm_nt(amat, midbuf[:ne], np.empty((nt, ne), dtype=midbuf.dtype))
+                    sr = gemm_nt(absa, radbuf[:ne], np.empty((nt, ne), dtype=midbuf.dtype))
                 ctr[C_BOUND_PRODUCTS] += 2 * ne * nt
             else:
                 s0 = np.zeros((nt, ne), dtype=midbuf.dtype)
@@ -335,9 +316,6 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
         ctr[C_FRONTIER_SUM] += fsize
         ctr[C_FRONTIER_MAX] = max(ctr[C_FRONTIER_MAX], fsize)
         had_leaf = False
-        npend = 0
-        pw = 0
-        nunion = 0
         for _ in range(pop_batch):
             if fsize == 0:
                 break
@@ -363,33 +341,11 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                 continue
             if node_left[nd] < 0:
                 start = node_start[nd]
-                if batched and _mostly_alive(nalive, nt):
-                    width = _block_width(pidx, start, node_end[nd], qlimit, r0, rows, nalive)
-                    if width > 0:
-                        lbuf[pw:pw + width] = pv_fast[start:start + width]
-                        pnode[npend] = nd
-                        pcol[npend] = pw
-                        pnrows[npend] = nalive
-                        prows[npend, :nalive] = rows[:nalive]
-                        pw += width
-                        npend += 1
-                    pairs = nalive * width
-                elif ucap > 0:
-                    width = _block_width(pidx, start, node_end[nd], qlimit, r0, rows, nalive)
-                    if width > 0:
-                        ustart[nunion] = start
-                        uend[nunion] = node_end[nd]
-                        uwidth[nunion] = width
-                        unrows[nunion] = nalive
-                        urows[nunion, :nalive] = rows[:nalive]
-                        nunion += 1
-                    pairs = nalive * width
-                else:
-                    # the leaves' fast values may run in float32 (qv_fast, pv_fast); the dense block never does
-                    pairs = _eval_block(metric, kernel_id, variance, rows, np.int64(nalive), r0, start, node_end[nd],
-                                        pidx, pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a,
-                                        heap_i, count, a_dropped, kth_a, kth_n, qbuf_fast, row, work, sequential, qp,
-                                        pp, scale)
+                # the leaves' fast values may run in float32 (qv_fast, pv_fast); the dense block never does
+                pairs = _eval_block(metric, kernel_id, variance, rows, np.int64(nalive), r0, start, node_end[nd],
+                                    pidx, pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a,
+                                    heap_i, count, a_dropped, kth_a, kth_n, qbuf_fast, row, work, sequential, qp,
+                                    pp, scale)
                 had_leaf = True
                 ctr[C_LEAVES] += 1
                 if pairs > 0:
@@ -404,17 +360,6 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                     for a in range(nalive):
                         emask[ne, rows[a]] = True
                     ne += 1
-        if npend > 0:
-            g = np.dot(qv_fast[r0:r1], lbuf[:pw].T)
-            for e in range(npend):
-                nd = pnode[e]
-                _fold_block(metric, kernel_id, variance, prows[e], pnrows[e], r0, node_start[nd], node_end[nd], pidx,
-                            pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a, heap_i, count,
-                            a_dropped, kth_a, kth_n, row, work, sequential, qp, pp, scale, g, prows[e], pcol[e])
-        if nunion > 0:
-            _eval_union(kernel_id, variance, nunion, ustart, uend, uwidth, unrows, urows, r0, pidx, pxt, pip, pv_fast,
-                        qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
-                        qbuf_fast, ubuf, uscratch[0], uscratch[1], uscratch[2], row, work, qp, pp, scale)
         if had_leaf:
             ctr[C_YIELDS] += 1
 
@@ -426,7 +371,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
               pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
               qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
               heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-              qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound, union_gemm):
+              qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound):
     """All tiles, one Numba task each (dynamic scheduling: tiles differ in cost)."""
     ntiles = (qx.shape[0] + tile_size - 1) // tile_size
     for tile in prange(ntiles):
@@ -436,7 +381,7 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
                        pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
                        qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
                        heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-                       qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound, union_gemm)
+                       qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound)
 
 
 # --------------------------------------------------------------------------------------
@@ -458,16 +403,10 @@ class TraversalFlags:
     few large requests to the index's backend, which computes the blocks), or "auto": fused on
     the cpu backend and in the parity preset, blocks on every other backend.
 
-    gemm: how the fused traversal multiplies a round's leaves that are alive for fewer than 7/8
-    of the tile's rows: "leaf" (one GEMM per leaf over its own alive rows, gathered) or "union"
-    (one GEMM per round over the union of their alive rows, unless that computes more than
-    backends.cpu.UNION_MAX_WASTE times their alive pairs). The mostly alive leaves share one GEMM
-    over the tile's rows either way.
     """
 
     order: str = "box"
     schedule: str = "auto"
-    gemm: str = "leaf"
 
     def __post_init__(self):
         if self.order not in ("box", "bound"):
@@ -475,5 +414,3 @@ class TraversalFlags:
         if self.schedule not in ("auto", "fused", "blocks"):
             raise InvalidArgumentError(f"TraversalFlags.schedule must be 'auto', 'fused' or 'blocks', got "
                                        f"schedule={self.schedule!r}")
-        if self.gemm not in ("leaf", "union"):
-            raise InvalidArgumentError(f"TraversalFlags.gemm must be 'leaf' or 'union', got gemm={self.gemm!r}")

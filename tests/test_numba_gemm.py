@@ -1,0 +1,31 @@
+"""The leaf blocks' small product (residual_gpu._numba_gemm.gemm_nt) against float64 products.
+
+Its error bound is the one docs/precision.md uses for the fast values (gamma_(K+2) |a| . |b| per
+entry, any summation order); every remainder shape of its 4 x 4 blocking is covered.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from residual_gpu._numba_gemm import gemm_nt
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (3, 5, 7), (4, 4, 16), (9, 63, 512), (128, 64, 33), (5, 2, 0)])
+def test_gemm_nt_within_the_dot_product_bound(dtype, rows, cols, k):
+    rng = np.random.default_rng(rows * 1000 + cols * 10 + k)
+    a = rng.standard_normal((rows, k)).astype(dtype)
+    b = rng.standard_normal((cols + 3, k)).astype(dtype)[:cols]  # rows of a larger array, as a leaf's
+    out = np.full((rows, cols + 2), np.nan, dtype=dtype)  # wider than the block, as a buffer is
+    a_copy, b_copy = a.copy(), b.copy()
+    assert gemm_nt(a, b, out) is out
+    exact = a.astype(np.float64) @ b.astype(np.float64).T
+    u = np.finfo(dtype).eps / 2
+    gamma = (k + 2) * u / (1 - (k + 2) * u)
+    bound = gamma * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64).T)
+    assert np.all(np.abs(out[:, :cols].astype(np.float64) - exact) <= bound)
+    assert np.isnan(out[:, cols:]).all()  # columns past the block untouched
+    np.testing.assert_array_equal(a, a_copy)
+    np.testing.assert_array_equal(b, b_copy)
