@@ -159,11 +159,11 @@ def _threshold(heap_a, count, kth_a, kth_n, qmarg, qfloor, r):
 # --------------------------------------------------------------------------------------
 # the traversal
 # --------------------------------------------------------------------------------------
-# One function on purpose (~230 lines): it is one compiled task per tile (a prange iteration of
-# _traverse) whose frontier heap, bound pool, expansion queue, leaf-batch buffers and scratch
-# are its locals, shared by all its phases (1: dense block, 2: frontier and roots, 3a: bound,
-# prune and push, 3b: pop and evaluate) and reallocated as the frontier grows (_fr_grow); helpers
-# would pass and return a dozen of them. The leaf blocks are backends.cpu's (_eval_block,
+# One function on purpose (~195 lines): it is one compiled task per tile (a prange iteration of
+# _traverse) whose frontier heap, bound pool, expansion queue and scratch are its locals, shared
+# by all its phases (1: dense block, 2: frontier and roots, 3a: bound, prune and push, 3b: pop
+# and evaluate) and reallocated as the frontier grows (_fr_grow); helpers would pass and return
+# a dozen of them. The leaf blocks are backends.cpu's (_eval_block,
 # _fold_block), the bound is bounds.residual_bound, the frontier is the _fr_* heap above.
 @njit(cache=True, fastmath=False)  # no FMA contraction: the parity preset's bounds must round as written
 def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, pop_batch, blk_cap,
