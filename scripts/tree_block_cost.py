@@ -6,8 +6,8 @@ On one thread, for the `vif` suite: one tile of 128 queries evaluates the first 
 leaves of the tree with 128, 70 (the measured average) and 30 alive rows, through the
 traversal's own block evaluator (`backends.cpu._eval_block`: gather of the alive V rows, the
 small product `_numba_gemm.gemm_nt`, fused kernel transform, heap pushes), next to that product
-alone and BLAS's GEMM of the same shape (Numba's np.dot) alone, in float64 and in float32 (the leaf precision "auto" picks where its certified margin
-is small), and one large float64 GEMM of the tile against 12,800 candidates (brute force's
+alone and BLAS's GEMM of the same shape (Numba's np.dot) alone, in float64 and in float32 (the
+leaf precision "auto" picks where its certified margin is small), and one large float64 GEMM of the tile against 12,800 candidates (brute force's
 shape). Every number is nanoseconds per pair, medians of 5 runs in this process, so the
 ratios are what matters.
 """

@@ -339,10 +339,9 @@ def _select_ranges(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, x
         for s in range(range_ptr[t], range_ptr[t + 1]):
             nr = rows_ptr[s + 1] - rows_ptr[s]
             own = rows[rows_ptr[s]:rows_ptr[s + 1]]
-            full = nr * 8 >= nt * 7  # as the fused traversal: a few unused rows cost less than a gather
+            full = _mostly_alive(nr, nt)  # as the fused traversal: a few unused rows cost less than a gather
             if not full:
-                for i in range(nr):
-                    qbuf[i] = qv[own[i]]
+                _gather_rows(qv, 0, own, nr, qbuf)
             for c0 in range(starts[s], ends[s], candidate_tile):
                 c1 = min(c0 + candidate_tile, ends[s])
                 g = np.dot(qv[r0:r0 + nt], v[c0:c1].T) if full else np.dot(qbuf[:nr], v[c0:c1].T)
@@ -506,19 +505,18 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
     # The GEMM's rows: the tile's own (contiguous) rows when nearly all of them are alive (a few
     # unused rows cost less than gathering), else the alive rows gathered into qbuf.
     nt = qbuf.shape[0]
-    grow = rows  # the g row of rows[i]: the tile row, or i where the rows are gathered
+    full = _mostly_alive(nrows, nt)
     if metric == 0 and not sequential:
-        if _mostly_alive(nrows, nt):
+        if full:
             g = gemm_nt(qv[r0:r0 + nt], pv[start:start + width], np.empty((nt, width), dtype=qbuf.dtype))
         else:
-            grow = np.arange(nrows)
             _gather_rows(qv, r0, rows, nrows, qbuf)
             g = gemm_nt(qbuf[:nrows], pv[start:start + width], np.empty((nrows, width), dtype=qbuf.dtype))
     else:
         g = np.empty((1, 1), dtype=qbuf.dtype)
     _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv, qx, qv, inv_scale,
                 qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
-                scale, g, grow)
+                scale, g, full)
     return nrows * width
 
 
@@ -535,10 +533,10 @@ def _gather_rows(qv, r0, rows, nrows, qbuf):
 @njit(cache=True, fastmath={"contract"})
 def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, pxt, pip, pv, qx, qv, inv_scale,
                 qip, qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, row, work, sequential, qp, pp,
-                scale, g, grow):
+                scale, g, full):
     """Fold the values of points [start, end) into the heaps of rows ``rows[:nrows]``.
 
-    The fast values' V products are g[grow[i], b] for row rows[i] and point start + b.
+    The fast values' V products are g[rows[i] if full else i, b] for point start + b.
     """
     keep = heap_a.shape[1]
     for i in range(nrows):
@@ -555,7 +553,7 @@ def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
             if sequential:
                 _accurate_row(kernel_id, variance, qx[r], qv[r], qp[r], pxt, pv, pp, scale, start, vals)
             else:
-                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[grow[i]], vals, work)
+                _abs_rho_row(kernel_id, variance, qx[r], inv_scale, qip[r], pxt, pip, start, g[rows[i] if full else i], vals, work)
             dropped = a_dropped[r]
             ka = kth_a[r]
             kn = kth_n[r]

@@ -163,8 +163,8 @@ def _threshold(heap_a, count, kth_a, kth_n, qmarg, qfloor, r):
 # _traverse) whose frontier heap, bound pool, expansion queue and scratch are its locals, shared
 # by all its phases (1: dense block, 2: frontier and roots, 3a: bound, prune and push, 3b: pop
 # and evaluate) and reallocated as the frontier grows (_fr_grow); helpers would pass and return
-# a dozen of them. The leaf blocks are backends.cpu's (_eval_block,
-# _fold_block), the bound is bounds.residual_bound, the frontier is the _fr_* heap above.
+# a dozen of them. The leaf blocks are backends.cpu's (_eval_block, _fold_block), the bound is
+# bounds.residual_bound, the frontier is the _fr_* heap above.
 @njit(cache=True, fastmath=False)  # no FMA contraction: the parity preset's bounds must round as written
 def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, pop_batch, blk_cap,
                    node_start, node_end, node_left, node_right, node_lo, node_hi, node_min,
@@ -402,7 +402,6 @@ class TraversalFlags:
     interleaved per tile), "blocks" (tree/schedule.py's BlockSchedule: seed, bound and sweep as a
     few large requests to the index's backend, which computes the blocks), or "auto": fused on
     the cpu backend and in the parity preset, blocks on every other backend.
-
     """
 
     order: str = "box"
