@@ -83,6 +83,7 @@ def _abs_rho_row(kernel_id, variance, xq, inv_scale, ipq, xt, ip, c0, g, out, wo
     margin covers it (precision.kernel_error); r^2 and everything after are float64.
     """
     width = out.shape[0]
+    c0 = max(c0, 0)  # lets LLVM drop the negative-index wraparound, which blocks vector loads
     r2 = work[0, :width]
     for b in range(width):
         r2[b] = 0.0
