@@ -224,11 +224,11 @@ def _heap_push(ha, hi, size, a, j):
 
 
 @njit(cache=True, fastmath=False)
-def _block_maxima(vals, width, out):
+def _block_maxima(vals, width, out, lanes):
     """out[blk] = max(vals[blk * FOLD_BLOCK : (blk + 1) * FOLD_BLOCK]) over the first ``width``
     values; returns the number of blocks. Eight running maxima per block (lane j takes b = j mod
-    8), which vectorise without reassociation: a maximum is exact in any order."""
-    lanes = np.empty(8)
+    8, in the caller's scratch ``lanes`` of >= 8 values, used only for whole blocks), which
+    vectorise without reassociation: a maximum is exact in any order."""
     nb = (width + FOLD_BLOCK - 1) // FOLD_BLOCK
     for blk in range(nb):
         s = blk * FOLD_BLOCK
@@ -276,6 +276,7 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
             stop = max(stop, qlimit[r])
         row = np.empty(candidate_tile)
         block_max = np.empty((candidate_tile + FOLD_BLOCK - 1) // FOLD_BLOCK)
+        lanes = np.empty(8)
         work = np.empty((3, candidate_tile))
         g_full = np.empty((r1 - r0, candidate_tile), dtype=v.dtype)  # float32 V: SGEMM tiles
         for c0 in range(0, stop, candidate_tile):
@@ -304,7 +305,7 @@ def _select(kernel_id, variance, qx, inv_scale, qip, qself, qlimit, qv, xt, v, i
                     # the minimum only grows, so nothing in such a block would have entered.
                     if 0 <= skip < width:
                         vals[skip] = -1.0  # below every a: neither enters nor raises `dropped`
-                    nb = _block_maxima(vals, width, block_max)
+                    nb = _block_maxima(vals, width, block_max, lanes)
                     for blk in range(nb):
                         if block_max[blk] <= ha[0]:
                             dropped = max(dropped, block_max[blk])
