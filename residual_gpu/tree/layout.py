@@ -45,9 +45,10 @@ DENSE_RATIO = 1.0 / 64.0
 DEFAULT_LEAF_SIZE = 64
 
 
-def block_bounds(n: int, leaf_size: int) -> np.ndarray:
-    """Dataset-index boundaries of the blocks: 0, s0, 2 s0, 4 s0, ..., n."""
-    s0 = max(-(-n // 16), 32 * leaf_size)
+def block_bounds(n: int, leaf_size: int, first_block_divisor: int = 16) -> np.ndarray:
+    """Dataset-index boundaries of the blocks: 0, s0, 2 s0, 4 s0, ..., n, with
+    s0 = max(ceil(n / first_block_divisor), 32 * leaf_size)."""
+    s0 = max(-(-n // first_block_divisor), 32 * leaf_size)
     out = [0]
     b = s0
     while b < n:
