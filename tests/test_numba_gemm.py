@@ -1,7 +1,8 @@
 """The leaf blocks' small product (residual_gpu._numba_gemm.gemm_nt) against float64 products.
 
 Its error bound is the one docs/precision.md uses for the fast values (gamma_(K+2) |a| . |b| per
-entry, any summation order); every remainder shape of its 4 x 3 blocking (rows mod 4, columns mod 3) is covered.
+entry, any summation order); every remainder pair of its 4 x 3 blocking (rows mod 4, columns
+mod 3) is covered, with K = 0 (no inducing points) apart.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from residual_gpu._numba_gemm import gemm_nt
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (3, 5, 7), (4, 4, 16), (6, 8, 40), (7, 3, 9), (9, 63, 512), (128, 64, 33), (5, 2, 0)])
+@pytest.mark.parametrize("rows, cols, k", [
+    (8, 6, 5), (128, 64, 33), (12, 5, 7),  # rows mod 4 = 0; columns mod 3 = 0, 1, 2
+    (9, 63, 512), (1, 1, 1), (5, 11, 3),  # rows mod 4 = 1
+    (10, 9, 6), (10, 7, 8), (6, 8, 40),  # rows mod 4 = 2
+    (7, 3, 9), (11, 4, 2), (3, 5, 7),  # rows mod 4 = 3
+    (4, 4, 16), (5, 2, 0),
+])
 def test_gemm_nt_within_the_dot_product_bound(dtype, rows, cols, k):
     rng = np.random.default_rng(rows * 1000 + cols * 10 + k)
     a = rng.standard_normal((rows, k)).astype(dtype)
