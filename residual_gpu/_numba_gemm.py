@@ -126,6 +126,18 @@ def _dot(a, i, b, j):
 
 
 @njit(fastmath=True, cache=True)
+def gather_dots(x, b, start, cols, n, out):
+    """out[s] = x . b[start + cols[s]] for s < n, summed in any order (fastmath; not inlined, so
+    that a caller without fastmath still gets the vectorised sum)."""
+    for s in range(n):
+        y = b[start + cols[s]]
+        c = x[0] * y[0]
+        for k in range(1, x.shape[0]):
+            c += x[k] * y[k]
+        out[s] = c
+
+
+@njit(fastmath=True, cache=True)
 def gemm_nt(a, b, out):
     """out[:M, :N] = a @ b.T for a (M, K) and b (N, K) with unit stride along K, in
     their dtype; out may be wider than N. Returns out."""

@@ -86,7 +86,7 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
             pairs = sum(int(min(lim, case.n)) for lim in _limits(case, predecessor))
             gflops = 2.0 * evals * problem.m / seconds / 1e9
             gemm_gflops = gemm_rate[index.precision]  # the yardstick of the row's own precision
-            work = evals + tel.bound_products
+            work = evals + tel.bound_products + tel.filter_products
             rows.append({
                 "requested": method, "method": method_used, "backend": index.backend, "predecessor": predecessor,
                 "auto_reason": index.auto_reason, "requested_precision": precision, "precision": index.precision,
@@ -102,7 +102,9 @@ def run_suite(name: str, n: int | None = None, backend: str = "auto", methods=("
                 "index_build_seconds": index.build_seconds,
                 "index_build_phases": dict(index.build_seconds_by_phase),
                 "total_seconds": index.build_seconds + seconds,
-                "bound_products": tel.bound_products, "work_share": work / max(pairs, 1),
+                "bound_products": tel.bound_products, "filter_products": tel.filter_products,
+                "filter_pairs": tel.filter_pairs, "filter_drops": tel.filter_drops,
+                "work_share": work / max(pairs, 1),
                 "nodes_visited": tel.nodes_visited, "prunes_bound": tel.prunes_bound,
                 "brute_queries": tel.brute_queries, "tree_nodes": tel.tree_nodes,
             })
@@ -159,8 +161,8 @@ def format_table(result: dict) -> str:
         if r.get("precision_reason"):
             lines.append(f"precision auto ({r['method']}, predecessor={r['predecessor']}): {r['precision_reason']}")
     lines.append("build_s: problem + index; index_s: index only (backend prepare, tree); total_s = index_s + "
-                 "query_s; share: distance evaluations per admissible candidate; work: (evaluations + bound dot "
-                 "products) per admissible candidate; of GEMM: GFLOP/s against the GEMM of the row's precision")
+                 "query_s; share: distance evaluations per admissible candidate; work: (evaluations + bound and leaf-"
+                 "filter dot products) per admissible candidate; of GEMM: GFLOP/s against the GEMM of the row's precision")
     return "\n".join(lines)
 
 

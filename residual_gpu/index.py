@@ -7,7 +7,8 @@ is below AUTO_PRECHECK_P of the variance and a tree over AUTO_PRECHECK_N sampled
 at least AUTO_VACUOUS_SHARE of brute force's work (the bounds are vacuous, as on `gold`), or
 when the full tree, tried on AUTO_SAMPLE dataset queries (plain mode, k = AUTO_K), would spend
 at least AUTO_MAX_SHARE (of the index's precision) of brute force's work (distance evaluations
-plus bound dot products, per candidate); the tree otherwise. The estimate (and the tree's
+plus bound and leaf-filter dot products, plus AUTO_SCREEN_WEIGHT per pair the leaf filter
+screened, per candidate); the tree otherwise. The estimate (and the tree's
 build) is paid only once the queries are large enough to repay it: while the admissible (query,
 candidate) pairs of this index's queries so far, the current one included, stay below
 AUTO_ESTIMATE_RATIO x AUTO_BUILD_PAIRS x n, queries run brute force and the method stays
@@ -68,6 +69,11 @@ AUTO_K = 30
 #: so the tree must prune more to win (vif, docs/tree.md section 6: float32 at share 0.31 the tree
 #: is 1.18x slower, at 0.18 1.57x faster; float64 at 0.31 it is 1.06x faster)
 AUTO_MAX_SHARE = {"float64": 0.35, "float32": 0.25}
+#: a (query, point) pair the leaf filter screens costs about this much of an evaluated pair (its
+#: kernel and transform stay; the products are counted apart): with it the estimated work moves
+#: as the query time does when the filter is switched on (vif, float32: 0.97x at n = 32768, where
+#: the time is 0.98x; 0.82x at 131072, where it is 0.79x), so the shares above keep their meaning
+AUTO_SCREEN_WEIGHT = 0.6
 #: the tree's build costs about as much as brute force over this many (query, candidate) pairs
 #: per point (vif, n = 32768 and 131072, m = 512, float64 and float32: 800-1100, docs/tree.md
 #: section 6), so an estimate that ends in brute force wastes about that much
@@ -149,8 +155,8 @@ class ResidualIndex:
     tiles of ``tile_size`` queries (docs/tree.md). Leaf size, tile size and precision default to
     the ``preset``'s: "default", or "parity", the Rust oracle's reference mode, for method "tree"
     only. ``leaf_precision`` is the deprecated name of ``precision``. ``traversal``: the tree
-    traversal's scheduling flags (``residual_gpu.TraversalFlags``; default all off), which change
-    the work, never the answers.
+    traversal's scheduling flags (``residual_gpu.TraversalFlags``; the leaf filter on, the others
+    off by default), which change the work, never the answers.
     """
 
     def __init__(self, problem: ResidualProblem, backend: str = "auto", method: str = "auto", *,
@@ -261,8 +267,13 @@ class ResidualIndex:
             from .tree.schedule import BlockSchedule
 
             self._searcher.schedule = BlockSchedule(self._searcher, self._backend, prob)
-        # V, coordinates and 1/sqrt(p) copied into tree order
-        self.build_seconds_by_phase["tree_layout"] = time.perf_counter() - t0
+        # V, coordinates and 1/sqrt(p) copied into tree order, and the leaf filter's bases
+        seconds = time.perf_counter() - t0
+        lf = self._searcher.leaf_filter
+        if lf is not None:
+            self.build_seconds_by_phase["leaf_filter"] = lf.seconds
+            seconds -= lf.seconds
+        self.build_seconds_by_phase["tree_layout"] = seconds
 
     @property
     def schedule(self) -> str:
@@ -356,7 +367,7 @@ class ResidualIndex:
         self.auto_reason = f"estimated tree work share {share:.3f} >= {most} ({self.precision}): brute force"
         self.tree = None
         self._searcher = None
-        for phase in ("tree_split", "tree_summaries", "tree_layout"):
+        for phase in ("tree_split", "tree_summaries", "tree_layout", "leaf_filter"):
             self.build_seconds_by_phase["tree_discarded"] = (self.build_seconds_by_phase.get("tree_discarded", 0.0)
                                                              + self.build_seconds_by_phase.pop(phase, 0.0))
         return "brute"
@@ -603,7 +614,8 @@ def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | N
 
     Runs of AUTO_SAMPLE / AUTO_TILES points consecutive along the Hilbert curve, from fixed-seed
     random starts, are tiles as a full query of all points forms them (one select pass each).
-    Work = block pairs + brute-routed evaluations + bound dot products, per (query, candidate) pair.
+    Work = block pairs + brute-routed evaluations + bound dot products + the leaf filter's products
+    and AUTO_SCREEN_WEIGHT per pair it screened, per (query, candidate) pair.
     """
     curve = hilbert_order(prob.coords / prob.lengthscales, *searcher.box)
     per = max(1, AUTO_SAMPLE // AUTO_TILES)
@@ -619,7 +631,8 @@ def _estimate_share(searcher: TreeSearcher, prob, brute_select, record: dict | N
                            np.full(rows.size, prob.n, dtype=np.int64))
         searcher.select(batch, initial_keep(k), brute_select, tel, k=k)
     pairs = nq * (prob.n - 1)
-    share = (tel.block_pairs + tel.brute_evaluations + tel.bound_products) / pairs
+    share = (tel.block_pairs + tel.brute_evaluations + tel.bound_products + tel.filter_products
+             + AUTO_SCREEN_WEIGHT * tel.filter_pairs) / pairs
     if record is not None:
         record.update({"sample": nq, "k": k, "work_share": share,
                        "evaluated_share": (tel.block_pairs + tel.brute_evaluations) / pairs,

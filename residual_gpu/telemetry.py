@@ -11,11 +11,12 @@ import os
 from dataclasses import asdict, dataclass, field
 
 SCHEMA = "residual_gpu.telemetry"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: tree counters summed over tiles (maxima are maxima); names match tree.traversal.COUNTERS
 _TREE_SUMS = ("nodes_visited", "bound_evaluations", "bound_products", "prunes_bound", "prunes_predecessor",
-              "frontier_sum", "rounds", "yields", "blocks", "block_pairs", "leaves_evaluated", "dense_pairs")
+              "frontier_sum", "rounds", "yields", "blocks", "block_pairs", "leaves_evaluated", "dense_pairs",
+              "filter_pairs", "filter_drops", "filter_products")
 _TREE_MAXES = ("frontier_max", "block_pairs_max")
 
 
@@ -67,6 +68,13 @@ class Telemetry:
     block_pairs_max: int = 0
     leaves_evaluated: int = 0
     dense_pairs: int = 0
+    #: the low-rank leaf filter (TraversalFlags.filter_rank): (query, point) pairs it screened,
+    #: those it dropped with its bound (the others are evaluated and counted in block_pairs), and
+    #: what it cost in m-length dot products (the projections, and the rank-length products as
+    #: their share of m)
+    filter_pairs: int = 0
+    filter_drops: int = 0
+    filter_products: int = 0
     #: shape of the index's tree (0 for brute force)
     tree_nodes: int = 0
     tree_leaves: int = 0

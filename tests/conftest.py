@@ -128,6 +128,26 @@ def make_problem(seed: int, n: int, d: int, kernel, m: int, duplicates: int = 0,
     return rg.ResidualProblem(x, kernel=kernel, inducing=m, seed=seed)
 
 
+def bound_test_problem(seed, n, d, kernel, ls, m, ard, dupes, tiny_p):
+    """(problem, rng) for the bound property tests: n uniform points in d dimensions, ``dupes``
+    duplicated, ARD lengthscales around ``ls`` if ``ard``, a random variance, and m kmeans++
+    inducing points or (``tiny_p``) m data points as inducing points; None where K(U, U) is not
+    positive definite (duplicated inducing points)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, d))
+    if dupes:
+        x[rng.choice(n, min(dupes, n), replace=False)] = x[rng.choice(n, min(dupes, n))]
+    lengthscale = ls * rng.uniform(0.5, 2.0, d) if ard else ls
+    m = min(m, n)
+    inducing = x[np.sort(rng.choice(n, m, replace=False))] if tiny_p else m
+    try:
+        problem = rg.ResidualProblem(x, kernel=kernel(lengthscale=lengthscale, variance=rng.uniform(0.3, 3.0)),
+                                     inducing=inducing, seed=seed % 100)
+    except rg.InvalidArgumentError:
+        return None, rng
+    return problem, rng
+
+
 def _backend_param(name):
     usable, reason = rg.available_backends()[name]
     marks = [pytest.mark.skipif(not usable, reason=f"backend {name!r} unavailable: {reason}")]

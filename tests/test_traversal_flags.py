@@ -1,5 +1,8 @@
 """TraversalFlags: the traversal's scheduling choices change the work, never the answers.
 
+The flags off (the defaults) include the leaf filter at FILTER_RANK, so filter_rank=0 is the
+filter off and filter_rank=1 another rank than each leaf's default pick.
+
 Each flag on gives indices and distances bitwise those of the flags off, on the randomised corpus
 (kernels, d in {1, 2, 3, 8}, ARD, duplicates, clustered data, tiny p), for every query kind and
 both precisions of the fast pass."""
@@ -12,7 +15,8 @@ from conftest import CASE_IDS, CASES, make_problem
 
 import residual_gpu as rg
 
-FLAGS = [rg.TraversalFlags(order="bound"), rg.TraversalFlags(schedule="blocks")]
+FLAGS = [rg.TraversalFlags(order="bound"), rg.TraversalFlags(schedule="blocks"), rg.TraversalFlags(filter_rank=0),
+         rg.TraversalFlags(filter_rank=1)]
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=repr)

@@ -8,7 +8,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import KERNEL_CLASSES, assert_matches_reference, make_problem
+from conftest import KERNEL_CLASSES, assert_matches_reference, bound_test_problem, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial import cKDTree
@@ -179,17 +179,8 @@ def test_pruning_happens_and_stays_exact():
        ard=st.booleans(), dupes=st.integers(0, 10), leaf=st.integers(1, 16), tiny_p=st.booleans())
 def test_bounds_never_below_true_rho(seed, n, d, kernel, ls, m, ard, dupes, leaf, tiny_p):
     """U(query, node) >= |rho(query, j)| for every point j of every node (dataset and new queries)."""
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, d))
-    if dupes:
-        x[rng.choice(n, min(dupes, n), replace=False)] = x[rng.choice(n, min(dupes, n))]
-    lengthscale = ls * rng.uniform(0.5, 2.0, d) if ard else ls
-    m = min(m, n)
-    inducing = x[np.sort(rng.choice(n, m, replace=False))] if tiny_p else m
-    try:
-        problem = rg.ResidualProblem(x, kernel=kernel(lengthscale=lengthscale, variance=rng.uniform(0.3, 3.0)),
-                                     inducing=inducing, seed=seed % 100)
-    except rg.InvalidArgumentError:  # K(U, U) not positive definite (duplicated inducing points)
+    problem, rng = bound_test_problem(seed, n, d, kernel, ls, m, ard, dupes, tiny_p)
+    if problem is None:  # K(U, U) not positive definite (duplicated inducing points)
         return
     # float32 leaves: the bound products run in float32 in the traversal, float64 here unless fast
     index = rg.ResidualIndex(problem, backend="cpu", method="tree", leaf_size=leaf, tile_size=3,
@@ -448,6 +439,8 @@ def test_telemetry_is_consistent_and_written_as_jsonl(tmp_path):
         assert tel.dense_points >= 30 and tel.dense_pairs > 0
         assert tel.bound_products == 2 * tel.bound_evaluations
         assert tel.blocks >= tel.leaves_evaluated > 0
+        # the leaf filter (on by default) screened pairs, dropped some, passed the rest to block_pairs
+        assert tel.filter_pairs >= tel.filter_drops and tel.filter_products > 0
         assert 0 < tel.block_pairs_max <= tel.block_pairs
         assert tel.yields <= tel.rounds and tel.frontier_max <= tel.frontier_sum
         assert tel.prunes_bound > 0

@@ -19,7 +19,7 @@ import scipy.linalg  # noqa: F401 (Numba's np.dot calls scipy's BLAS: loaded bef
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
-from .._numba_gemm import gemm_nt
+from .._numba_gemm import gather_dots, gemm_nt
 from .._numba_math import (
     _EXP32_MIN,
     _SQRT3,
@@ -84,6 +84,17 @@ def _abs_rho_row(kernel_id, variance, xq, inv_scale, ipq, xt, ip, c0, g, out, wo
     """
     width = out.shape[0]
     c0 = max(c0, 0)  # lets LLVM drop the negative-index wraparound, which blocks vector loads
+    _corr_row(kernel_id, xq, inv_scale, xt, c0, out, work, g.itemsize == 4)
+    for b in range(width):
+        a = abs(variance * out[b] - g[b]) * ipq * ip[c0 + b]
+        out[b] = min(1.0, a)
+
+
+@njit(inline="always", cache=True, fastmath={"contract"})
+def _corr_row(kernel_id, xq, inv_scale, xt, c0, out, work, single):
+    """out[b] = corr(r2(xq, x_c0+b)), b < out.size, in float32 if ``single`` (as _abs_rho_row)."""
+    width = out.shape[0]
+    c0 = max(c0, 0)
     r2 = work[0, :width]
     for b in range(width):
         r2[b] = 0.0
@@ -93,13 +104,10 @@ def _abs_rho_row(kernel_id, variance, xq, inv_scale, ipq, xt, ip, c0, g, out, wo
         for b in range(width):
             diff = (x0 - xt[t, c0 + b]) * s
             r2[b] += diff * diff
-    if g.itemsize == 4:
+    if single:
         _corr32(kernel_id, r2, out, work)
     else:
         _corr64(kernel_id, r2, out, work)
-    for b in range(width):
-        a = abs(variance * out[b] - g[b]) * ipq * ip[c0 + b]
-        out[b] = min(1.0, a)
 
 
 @njit(inline="always", cache=True, fastmath={"contract"})
@@ -523,6 +531,34 @@ def _eval_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
 
 
 @njit(inline="always", cache=True)
+def _fold_value(ha, hi, size, keep, ka, kn, dropped, a, j):
+    """Fold value a of point j into a row's keep-heap (ha, hi; size entries) and k-th-value heap
+    (ka; kn entries); returns the new (size, kn, dropped)."""
+    if size == keep and a <= ha[0]:
+        # the common case: below the keep-th (so below the k-th) kept value
+        return size, kn, max(dropped, a)
+    kn = _kth_push(ka, kn, a)
+    if size < keep:
+        _heap_push(ha, hi, size, a, j)
+        return size + 1, kn, dropped
+    dropped = max(dropped, ha[0])
+    ha[0] = a
+    hi[0] = j
+    _sift_down(ha, hi, size)
+    return size, kn, dropped
+
+
+@njit(inline="always", cache=True)
+def _self_position(pidx, start, w, me, limit):
+    """Position of the query itself (dataset index me) in the index-sorted range [start, start + w), or -1."""
+    if 0 <= me < limit:
+        pos = start + _prefix(pidx, start, start + w, me)
+        if pos < start + w and pidx[pos] == me:
+            return pos - start
+    return -1
+
+
+@njit(inline="always", cache=True)
 def _gather_rows(qv, r0, rows, nrows, qbuf):
     """qbuf[i] = qv[r0 + rows[i]] for i < nrows."""
     m = qv.shape[1]
@@ -559,29 +595,11 @@ def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
             dropped = a_dropped[r]
             ka = kth_a[r]
             kn = kth_n[r]
-            # position of the query itself in the (index-sorted) range, or -1
-            skip = -1
-            if 0 <= me < qlimit[r]:
-                pos = start + _prefix(pidx, start, start + w, me)
-                if pos < start + w and pidx[pos] == me:
-                    skip = pos - start
+            skip = _self_position(pidx, start, w, me, qlimit[r])
             for b in range(w):
                 if b == skip:
                     continue
-                a = vals[b]
-                if size == keep and a <= ha[0]:
-                    # the common case: below the keep-th (so below the k-th) kept value
-                    dropped = max(dropped, a)
-                    continue
-                kn = _kth_push(ka, kn, a)
-                if size < keep:
-                    _heap_push(ha, hi, size, a, pidx[start + b])
-                    size += 1
-                else:
-                    dropped = max(dropped, ha[0])
-                    ha[0] = a
-                    hi[0] = pidx[start + b]
-                    _sift_down(ha, hi, size)
+                size, kn, dropped = _fold_value(ha, hi, size, keep, ka, kn, dropped, vals[b], pidx[start + b])
             a_dropped[r] = dropped
             kth_n[r] = kn
         else:
@@ -596,6 +614,91 @@ def _fold_block(metric, kernel_id, variance, rows, nrows, r0, start, end, pidx, 
                     s += diff * diff
                 size = _eu_push(ha, hi, size, keep, -s, j)
         count[r] = size
+
+
+@njit(cache=True, fastmath={"contract"})
+def _filter_leaf(kernel_id, variance, rows, nrows, r0, start, end, slot, pidx, pxt, pip, pv, qx, qv, inv_scale, qip,
+                 qself, qlimit, heap_a, heap_i, count, a_dropped, kth_a, kth_n, qbuf, row, work, ranks, basis, coef,
+                 tail, under, tail_median, qw, rowth, stats):
+    """The low-rank leaf filter (tree/leaf_filter.py) on the rows of ``rows[:nrows]`` it can help.
+
+    A row is filtered when w_q e_j is below its pruning threshold ``rowth`` for the leaf's median
+    e_j (else few of its points could be dropped): per point, F = min(1, |kval - fl(P . c_j)| ip_q ip_j) + w_q e_j;
+    F below the threshold drops the point with F, otherwise its m-length product gives the fast
+    value, folded as in _fold_block. The rows left unfiltered are compacted into rows[:n] and n is
+    returned, for _eval_block. ``stats`` += (screened pairs, dropped pairs, evaluated pairs,
+    m-length-equivalent products of the filter).
+    """
+    rank = ranks[slot]
+    m = qv.shape[1]
+    width = _block_width(pidx, start, end, qlimit, r0, rows, nrows)
+    if width < 2 * rank:  # the projection would cost about what it saves
+        return nrows
+    tail_mid = tail_median[slot]
+    nf = 0
+    nleft = 0
+    frows = np.empty(nrows, dtype=np.int64)
+    for i in range(nrows):
+        r = r0 + rows[i]
+        if qw[r] * tail_mid < rowth[rows[i]]:
+            frows[nf] = rows[i]
+            nf += 1
+        else:
+            rows[nleft] = rows[i]
+            nleft += 1
+    if nf == 0:
+        return nleft
+    _gather_rows(qv, r0, frows, nf, qbuf)
+    proj = gemm_nt(qbuf[:nf], basis[slot, :rank], np.empty((nf, rank), dtype=qbuf.dtype))
+    approx = gemm_nt(proj, coef[start:start + width, :rank], np.empty((nf, width), dtype=qbuf.dtype))
+    stats[3] += nf * rank + (nf * width * rank) // max(m, 1)
+    keep = heap_a.shape[1]
+    single = qbuf.itemsize == 4
+    surv = np.empty(width, dtype=np.int64)
+    for i in range(nf):
+        r = r0 + frows[i]
+        w = _prefix(pidx, start, end, qlimit[r])
+        if w == 0:
+            continue
+        corr = row[:w]
+        _corr_row(kernel_id, qx[r], inv_scale, pxt, start, corr, work, single)
+        ipq = qip[r]
+        wq = qw[r]
+        fval = work[0, :w]  # r^2 is spent
+        for b in range(w):
+            fval[b] = (min(1.0, abs(variance * corr[b] - approx[i, b]) * ipq * pip[start + b]) + wq * tail[start + b]
+                       + ipq * under[start + b])
+        skip = _self_position(pidx, start, w, qself[r], qlimit[r])
+        th = rowth[frows[i]]
+        dropped = a_dropped[r]
+        ns = 0
+        for b in range(w):
+            if b == skip:
+                continue
+            if fval[b] < th:
+                dropped = max(dropped, fval[b])
+            else:
+                surv[ns] = b
+                ns += 1
+        screened = w - (1 if skip >= 0 else 0)
+        stats[0] += screened
+        stats[1] += screened - ns
+        stats[2] += ns
+        g = work[1, :ns]
+        gather_dots(qbuf[i], pv, start, surv, ns, g)
+        ha = heap_a[r]
+        hi = heap_i[r]
+        size = count[r]
+        ka = kth_a[r]
+        kn = kth_n[r]
+        for s in range(ns):
+            b = surv[s]
+            a = min(1.0, abs(variance * corr[b] - g[s]) * ipq * pip[start + b])
+            size, kn, dropped = _fold_value(ha, hi, size, keep, ka, kn, dropped, a, pidx[start + b])
+        count[r] = size
+        a_dropped[r] = dropped
+        kth_n[r] = kn
+    return nleft
 
 
 def select_state(q: int, keep: int):

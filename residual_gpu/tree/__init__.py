@@ -12,6 +12,9 @@ docs/tree.md describes it in full (precise enough to re-implement). Read the mod
 - ``traversal.py``: one tile of queries walking the forest in Numba: the frontier heap, the
   pruning threshold, ``_traverse_tile`` and ``_traverse``; its constants (``DEFAULT_TILE_SIZE``,
   ``POP_BATCH``, ``COUNTERS``) and ``TraversalFlags``. docs/tree.md sections 4 and 5.
+- ``leaf_filter.py``: the low-rank leaf filter (``TraversalFlags.filter_rank``): per leaf a rank-r
+  basis of its V rows and per point a certified tail, so that the traversal drops most points of
+  an evaluated leaf before their m-length products. docs/tree.md section 4c.
 - ``searcher.py``: the host side. ``TreeSearcher`` binds a tree to its problem's arrays and
   answers ``select`` for the certified driver (search.exact_knn): routing, rounding margins
   (float32 leaves: section 4a), queries in Hilbert order (section 3); ``euclidean_search``.

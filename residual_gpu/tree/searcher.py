@@ -26,6 +26,7 @@ from ..certify import floor_thresholds
 from ..hilbert import hilbert_order
 from ..precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
 from .bounds import _U, _bound_matrix, query_factors
+from .leaf_filter import build_leaf_filter
 from .traversal import COUNTERS, DEFAULT_TILE_SIZE, NCOUNTERS, POP_BATCH, TraversalFlags, _traverse
 
 
@@ -108,6 +109,10 @@ class TreeSearcher:
             self.pv_fast = _gather_rows(np.ascontiguousarray(v), perm, np.empty((perm.size, m), dtype=fast))
             self.mid_fast, self.rad_fast = self.mid.astype(fast), self.rad.astype(fast)
             self.gam_prod = 2.0 * gamma(m + 4, fast)
+            rank = self.flags.filter_rank
+            self.leaf_filter = None
+            if rank > 0 and m > 0 and not self.sequential:
+                self.leaf_filter = build_leaf_filter(tree, np.ascontiguousarray(v, dtype=np.float64), p, rank, fast)
         else:
             self.kernel_id = 0
             self.variance = 1.0
@@ -121,6 +126,7 @@ class TreeSearcher:
             self.mid = self.rad = np.zeros((tree.nodes, 0))
             self.leaf_precision = "float64"
             self.mid_fast, self.rad_fast, self.gam_prod = self.mid, self.rad, 0.0
+            self.leaf_filter = None
 
     # -- per-query factors ---------------------------------------------------------
     def query_factors(self, v: np.ndarray):
@@ -155,6 +161,18 @@ class TreeSearcher:
         qv_fast, qa_fast = qv_o, qa_o
         if self.leaf_precision == "float32":
             qv_fast, qa_fast = qv_o.astype(np.float32), qa_o.astype(np.float32)
+        lf = self.leaf_filter
+        if lf is None:
+            lf_slot, lf_rank = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+            lf_basis = np.zeros((0, 0, self.m), dtype=qv_fast.dtype)
+            lf_coef = np.zeros((0, 0), dtype=qv_fast.dtype)
+            lf_tail = lf_under = lf_tail_median = np.zeros(0)
+            qw = np.zeros(0)
+        else:
+            lf_slot, lf_rank, lf_basis, lf_coef = lf.slot, lf.rank, lf.basis, lf.coef
+            lf_tail, lf_under, lf_tail_median = lf.tail, lf.under, lf.tail_median
+            # w_q = ||V_q|| / sqrt(p_q), rounded up (the filter's bound, leaf_filter.py)
+            qw = row_norms(qv_o) * qip_o * (1.0 + (self.m + 8) * _U)
         kth_a = np.full((q, kk), -np.inf)
         kth_n = np.zeros(q, dtype=np.int64)
         heap_a = np.full((q, keep), -np.inf if self.metric else -1.0)
@@ -173,7 +191,8 @@ class TreeSearcher:
                           self.didx, self.dxt, self.dip, self.dv, self.inv_scale, qx_o, qv_o, qip_o, qrn_o,
                           qna_o, qmarg_o, qfloor_o, qself_o, qlim_o, heap_a, heap_i, count, a_dropped, kth_a, kth_n,
                           counters, self.sequential, qp_o, self.pp, self.dp, self.scale, qv_fast, self.pv_fast, qa_fast,
-                          self.mid_fast, self.rad_fast, self.gam_prod, self.flags.order == "bound")
+                          self.mid_fast, self.rad_fast, self.gam_prod, self.flags.order == "bound",
+                          lf_slot, lf_rank, lf_basis, lf_coef, lf_tail, lf_under, lf_tail_median, qw)
         inv = np.empty(q, dtype=np.int64)
         inv[order] = np.arange(q)
         totals = {name: int(counters[:, c].max() if name in ("frontier_max", "block_pairs_max") else counters[:, c].sum())

@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._numba_gemm import gemm_nt
-from ..backends.cpu import _eval_block
+from ..backends.cpu import _eval_block, _filter_leaf
 from ..errors import InvalidArgumentError
 from .bounds import _sequential_products, box_distances, residual_bound
 
@@ -39,13 +39,19 @@ from .bounds import _sequential_products, box_distances, residual_bound
 DEFAULT_TILE_SIZE = 128
 #: frontier entries popped per round; their children are bounded by one GEMM
 POP_BATCH = 8
+#: the leaf filter's largest rank by default (TraversalFlags.filter_rank; each leaf takes 4, 8, ...
+#: up to it, leaf_filter.TAIL_TARGET): 16 and 24 ran alike on `vif` 131072 (35.5 s, 34.8 s against
+#: 44.8 s without), and 16 keeps the bases at ~1/3 of the float32 V rows' memory
+FILTER_RANK = 16
 NOADM = -np.inf
 
 COUNTERS = ("nodes_visited", "bound_evaluations", "bound_products", "prunes_bound", "prunes_predecessor",
             "frontier_sum", "frontier_max", "rounds", "yields", "blocks", "block_pairs",
-            "block_pairs_max", "leaves_evaluated", "dense_pairs")
+            "block_pairs_max", "leaves_evaluated", "dense_pairs", "filter_pairs", "filter_drops",
+            "filter_products")
 (C_NODES, C_BOUND_EVALS, C_BOUND_PRODUCTS, C_PRUNE_BOUND, C_PRUNE_PRED, C_FRONTIER_SUM, C_FRONTIER_MAX,
- C_ROUNDS, C_YIELDS, C_BLOCKS, C_PAIRS, C_PAIRS_MAX, C_LEAVES, C_DENSE_PAIRS) = range(len(COUNTERS))
+ C_ROUNDS, C_YIELDS, C_BLOCKS, C_PAIRS, C_PAIRS_MAX, C_LEAVES, C_DENSE_PAIRS, C_FILTER_PAIRS, C_FILTER_DROPS,
+ C_FILTER_PRODUCTS) = range(len(COUNTERS))
 NCOUNTERS = len(COUNTERS)
 
 
@@ -172,7 +178,8 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                    pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
                    qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
                    heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-                   qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound):
+                   qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound,
+                   lf_slot, lf_rank, lf_basis, lf_coef, lf_tail, lf_under, lf_tail_median, qw):
     """One tile of queries: rows [tile * tile_size, ...) of the query arrays (see the module docstring)."""
     q = qx.shape[0]
     d = qx.shape[1]
@@ -186,6 +193,8 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
     qbuf = np.empty((nt, max(m, 1)))
     qbuf_fast = np.empty((nt, max(m, 1)), dtype=qv_fast.dtype)
     rows = np.empty(nt, dtype=np.int64)
+    rowth = np.empty(nt)  # the alive rows' thresholds at the pop (for the leaf filter)
+    fstats = np.zeros(4, dtype=np.int64)
     # tile box (raw coordinates) for the frontier key
     tlo = np.empty(d)
     thi = np.empty(d)
@@ -331,24 +340,41 @@ def _traverse_tile(tile, metric, kernel_id, variance, kerr, eps_d, gam, tnorm, t
                 if u == NOADM:
                     continue
                 r = r0 + i
-                if u < _threshold(heap_a, count, kth_a, kth_n, qmarg, qfloor, r):
+                th = _threshold(heap_a, count, kth_a, kth_n, qmarg, qfloor, r)
+                if u < th:
                     a_dropped[r] = max(a_dropped[r], u)
                     ctr[C_PRUNE_BOUND] += 1
                     continue
+                rowth[i] = th
                 rows[nalive] = i
                 nalive += 1
             if nalive == 0:
                 continue
             if node_left[nd] < 0:
                 start = node_start[nd]
+                nrest = np.int64(nalive)
+                pairs = 0
+                screened = 0
+                if lf_slot.shape[0] > 0 and lf_slot[nd] >= 0:  # the low-rank leaf filter (leaf_filter.py)
+                    fstats[:] = 0
+                    nrest = _filter_leaf(kernel_id, variance, rows, nrest, r0, start, node_end[nd], lf_slot[nd], pidx,
+                                         pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a,
+                                         heap_i, count, a_dropped, kth_a, kth_n, qbuf_fast, row, work, lf_rank,
+                                         lf_basis, lf_coef, lf_tail, lf_under, lf_tail_median, qw, rowth, fstats)
+                    screened = fstats[0]
+                    ctr[C_FILTER_PAIRS] += fstats[0]
+                    ctr[C_FILTER_DROPS] += fstats[1]
+                    ctr[C_FILTER_PRODUCTS] += fstats[3]
+                    pairs += fstats[2]
                 # the leaves' fast values may run in float32 (qv_fast, pv_fast); the dense block never does
-                pairs = _eval_block(metric, kernel_id, variance, rows, np.int64(nalive), r0, start, node_end[nd],
-                                    pidx, pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a,
-                                    heap_i, count, a_dropped, kth_a, kth_n, qbuf_fast, row, work, sequential, qp,
-                                    pp, scale)
+                if nrest > 0:
+                    pairs += _eval_block(metric, kernel_id, variance, rows, nrest, r0, start, node_end[nd],
+                                         pidx, pxt, pip, pv_fast, qx, qv_fast, inv_scale, qip, qself, qlimit, heap_a,
+                                         heap_i, count, a_dropped, kth_a, kth_n, qbuf_fast, row, work, sequential, qp,
+                                         pp, scale)
                 had_leaf = True
                 ctr[C_LEAVES] += 1
-                if pairs > 0:
+                if pairs > 0 or screened > 0:  # a leaf the filter screened counts as one block
                     ctr[C_BLOCKS] += 1
                     ctr[C_PAIRS] += pairs
                     ctr[C_PAIRS_MAX] = max(ctr[C_PAIRS_MAX], pairs)
@@ -371,7 +397,8 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
               pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
               qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
               heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-              qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound):
+              qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound,
+              lf_slot, lf_rank, lf_basis, lf_coef, lf_tail, lf_under, lf_tail_median, qw):
     """All tiles, one Numba task each (dynamic scheduling: tiles differ in cost)."""
     ntiles = (qx.shape[0] + tile_size - 1) // tile_size
     for tile in prange(ntiles):
@@ -381,7 +408,8 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
                        pidx, pxt, pip, didx, dxt, dip, dv, inv_scale,
                        qx, qv, qip, qrn, qna, qmarg, qfloor, qself, qlimit,
                        heap_a, heap_i, count, a_dropped, kth_a, kth_n, counters, sequential, qp, pp, dp, scale,
-                       qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound)
+                       qv_fast, pv_fast, qa_fast, mid_fast, rad_fast, gam_prod, order_by_bound,
+                       lf_slot, lf_rank, lf_basis, lf_coef, lf_tail, lf_under, lf_tail_median, qw)
 
 
 # --------------------------------------------------------------------------------------
@@ -390,9 +418,9 @@ def _traverse(metric, kernel_id, variance, kerr, eps_d, gam, tnorm, tile_size, p
 @dataclass(frozen=True)
 class TraversalFlags:
     """The traversal's scheduling choices (issue #13's heuristics), each off by default until a
-    benchmark shows it winning (docs/benchmarks.md, "Traversal flags"). None changes an answer:
-    every drop is still a proven bound, and certification is unchanged; the tests check the
-    bits with each flag on.
+    benchmark shows it winning (docs/benchmarks.md, "Traversal flags"; the leaf filter has). None
+    changes an answer: every drop is still a proven bound, and certification is unchanged; the
+    tests check the bits with each flag on and off.
 
     order: the frontier's key: "box" (scaled squared distance between the tile's and the node's
     coordinate boxes, then node size and id) or "bound" (the node's largest bound over the
@@ -402,12 +430,23 @@ class TraversalFlags:
     interleaved per tile), "blocks" (tree/schedule.py's BlockSchedule: seed, bound and sweep as a
     few large requests to the index's backend, which computes the blocks), or "auto": fused on
     the cpu backend and in the parity preset, blocks on every other backend.
+
+    filter_rank: r > 0 screens the points of every evaluated leaf with a rank-(at most r)
+    approximation of their V rows and a certified bound (tree/leaf_filter.py, docs/tree.md section
+    4c) before their m-length products, in the fused traversal; 0 evaluates every point of the
+    leaf. On by default (FILTER_RANK): 0.78-0.79x the query time at n = 131072 on `vif` and
+    `spatial`, 0.98x at `vif` 32768.
     """
 
     order: str = "box"
     schedule: str = "auto"
+    filter_rank: int = FILTER_RANK
 
     def __post_init__(self):
+        if isinstance(self.filter_rank, bool) or not isinstance(self.filter_rank, (int, np.integer)) \
+                or self.filter_rank < 0:
+            raise InvalidArgumentError(f"TraversalFlags.filter_rank must be an int >= 0, got "
+                                       f"filter_rank={self.filter_rank!r}")
         if self.order not in ("box", "bound"):
             raise InvalidArgumentError(f"TraversalFlags.order must be 'box' or 'bound', got order={self.order!r}")
         if self.schedule not in ("auto", "fused", "blocks"):
