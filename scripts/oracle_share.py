@@ -10,7 +10,7 @@ suite's k) this computes |rho| to every admissible point with the float64 refere
 dense points count as one-point leaves, which every query evaluates anyway) the oracle share:
 the admissible points in those leaves over the admissible points. Next to it, the tree's
 evaluated share ((block pairs + brute-routed evaluations) / admissible pairs) and work share
-(bound dot products added) of one all-points predecessor query, the figures
+(bound dot products and the leaf filter's products added) of one all-points predecessor query, the figures
 `residual-gpu bench --method tree` prints as `share` and `work`. Issue #16's table.
 
 "with the k-th as floor": the same query again, each row given its own exact k-th distance as a
@@ -60,10 +60,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32768)
     ap.add_argument("--queries", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--filter-rank", type=int, default=0, help="TraversalFlags.filter_rank of the tree (0: off)")
     args = ap.parse_args()
     case = get_suite(args.suite, args.n)
     problem = rg.ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
-    index = rg.ResidualIndex(problem, backend="cpu", method="tree")
+    index = rg.ResidualIndex(problem, backend="cpu", method="tree",
+                             traversal=rg.TraversalFlags(filter_rank=args.filter_rank))
     k = case.k
     # queries with at least 4 k admissible points, so that the k-th |rho| is a neighbour's
     queries = np.sort(np.random.default_rng(args.seed).choice(np.arange(4 * k, case.n), args.queries, replace=False))
@@ -72,16 +74,17 @@ def main() -> None:
     tel = res.telemetry
     pairs = case.n * (case.n - 1) // 2
     evaluated = (tel.block_pairs + tel.brute_evaluations) / pairs
-    work = evaluated + tel.bound_products / pairs
+    work = evaluated + (tel.bound_products + tel.filter_products) / pairs
     ids = np.arange(case.n)
     floored = index.query_from_factors(k, problem.coords, problem.v, problem.p, self_index=ids, limit=ids,
                                        floor=res.distances[:, -1])
     assert np.array_equal(floored.indices, res.indices), "a floor at the k-th distance changes no answer"
     ftel = floored.telemetry
     f_evaluated = (ftel.block_pairs + ftel.brute_evaluations) / pairs
-    f_work = f_evaluated + ftel.bound_products / pairs
+    f_work = f_evaluated + (ftel.bound_products + ftel.filter_products) / pairs
     print(f"suite={args.suite} n={case.n} d={problem.d} m={problem.m} k={k} kernel={problem.kernel!r} "
-          f"leaf_size={index.leaf_size} precision={index.precision} queries={args.queries} (seed {args.seed})")
+          f"leaf_size={index.leaf_size} precision={index.precision} filter_rank={args.filter_rank} "
+          f"queries={args.queries} (seed {args.seed})")
     print("oracle share (median, mean) | tree evaluated share | tree work share | evaluated / oracle | work / oracle "
           "| with the k-th as floor: evaluated, work | evaluated / oracle")
     med = float(np.median(oracle))

@@ -4,8 +4,8 @@
 
 One problem and one all-points predecessor query per configuration, configurations alternated
 ``repeats`` times (so that drift on a shared machine hits all alike); prints the median seconds
-of the query, the evaluations (block pairs), bound products and rounds, and whether the answers
-are the flags-off bits.
+of the query, the evaluations (block pairs), bound products, the leaf filter's products and
+rounds, and whether the answers are the flags-off bits.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ import numpy as np
 import residual_gpu as rg
 from residual_gpu.suites import get_suite
 
-CONFIGS = {"off (box order)": rg.TraversalFlags(), "order=bound": rg.TraversalFlags(order="bound"),
-           "schedule=blocks": rg.TraversalFlags(schedule="blocks")}
+# every flag off, the leaf filter included (on by default since it won here), and each one on
+CONFIGS = {"off (box order)": rg.TraversalFlags(filter_rank=0),
+           "order=bound": rg.TraversalFlags(order="bound", filter_rank=0),
+           "schedule=blocks": rg.TraversalFlags(schedule="blocks", filter_rank=0),
+           "filter_rank=16": rg.TraversalFlags(filter_rank=16),
+           "filter_rank=8": rg.TraversalFlags(filter_rank=8), "filter_rank=24": rg.TraversalFlags(filter_rank=24)}
 
 
 def main() -> None:
@@ -44,15 +48,15 @@ def main() -> None:
     base = last["off (box order)"]
     print(f"suite={args.suite} n={case.n} k={case.k} precision={indexes['off (box order)'].precision}, "
           f"median of {args.repeats}")
-    print("| flags | query s | vs off | evaluations | bound products | rounds | same bits |")
-    print("|---|---|---|---|---|---|---|")
+    print("| flags | query s | vs off | evaluations | bound products | filter products | rounds | same bits |")
+    print("|---|---|---|---|---|---|---|---|")
     t_off = float(np.median(seconds["off (box order)"]))
     for name, res in last.items():
         tel = res.telemetry
         same = np.array_equal(res.indices, base.indices) and np.array_equal(res.distances, base.distances)
         t = float(np.median(seconds[name]))
         print(f"| {name} | {t:.2f} | {t / t_off:.2f}x | {tel.block_pairs:.4g} | {tel.bound_products:.4g} | "
-              f"{tel.rounds} | {same} |")
+              f"{tel.filter_products:.4g} | {tel.rounds} | {same} |")
 
 
 if __name__ == "__main__":
