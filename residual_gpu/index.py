@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -259,10 +259,12 @@ class ResidualIndex:
             self.build_seconds_by_phase[phase] = self.build_seconds_by_phase.get(phase, 0.0) + sec
         prob = self.problem
         t0 = time.perf_counter()
+        # the block schedule evaluates whole leaves: no leaf filter bases to build for it
+        flags = self.traversal if self.schedule == "fused" else replace(self.traversal, filter_rank=0)
         self._searcher = TreeSearcher(tree, prob.coords, prob.lengthscales, prob.v, prob.p, prob.kernel,
                                       tile_size=self.tile_size, pop_batch=self._options["pop_batch"],
                                       sequential=self._options["sequential"], leaf_precision=self.precision,
-                                      flags=self.traversal)
+                                      flags=flags)
         if self.schedule == "blocks":
             from .tree.schedule import BlockSchedule
 

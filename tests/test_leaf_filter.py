@@ -87,6 +87,9 @@ def test_filter_is_on_by_default_and_off_where_it_cannot_run():
     assert rg.ResidualIndex(problem, method="tree")._searcher.leaf_filter is not None
     off = rg.ResidualIndex(problem, method="tree", traversal=rg.TraversalFlags(filter_rank=0))
     assert off._searcher.leaf_filter is None
+    # the block schedule (every backend other than cpu) evaluates whole leaves: no bases built
+    blocks = rg.ResidualIndex(problem, method="tree", traversal=rg.TraversalFlags(schedule="blocks"))
+    assert blocks._searcher.leaf_filter is None and blocks.traversal.filter_rank > 0
     # the parity preset evaluates whole leaves (the Rust oracle's traversal), and fixes the flags
     assert rg.ResidualIndex(problem, method="tree", preset="parity")._searcher.leaf_filter is None
     with pytest.raises(rg.InvalidArgumentError, match=r"preset='parity' fixes the traversal"):

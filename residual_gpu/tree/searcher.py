@@ -112,7 +112,7 @@ class TreeSearcher:
             rank = self.flags.filter_rank
             self.leaf_filter = None
             if rank > 0 and m > 0 and not self.sequential:
-                self.leaf_filter = build_leaf_filter(tree, np.ascontiguousarray(v, dtype=np.float64), p, rank, fast)
+                self.leaf_filter = build_leaf_filter(tree, v, p, rank, fast)
         else:
             self.kernel_id = 0
             self.variance = 1.0
