@@ -141,14 +141,18 @@ def _leaf_bases(v, perm, starts, ends, ip, w_typical, ladder, target, g_fast, g_
                 coef[s + j, i] = c[j, i]
                 c[j, i] = coef[s + j, i]
         # the leaf's rank
+        vn2 = np.empty(cnt)  # ||V_j||^2, once for every rank tried
+        for j in range(cnt):
+            acc = 0.0
+            for t in range(m):
+                acc += vb[j, t] * vb[j, t]
+            vn2[j] = acc
         est = np.empty(cnt)
         chosen = big
         for a in range(ladder.shape[0]):
             r = ladder[a]
             for j in range(cnt):
-                left = 0.0
-                for t in range(m):
-                    left += vb[j, t] * vb[j, t]
+                left = vn2[j]
                 for i in range(r):
                     left -= c[j, i] * c[j, i]
                 est[j] = np.sqrt(max(left, 0.0)) * ip[s + j]
