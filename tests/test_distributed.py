@@ -3,6 +3,7 @@ the single process, a killed worker, bad input. The cluster starts once for the 
 
 from __future__ import annotations
 
+import operator
 import os
 import signal
 import threading
@@ -134,6 +135,25 @@ def test_inducing_sample_is_kmeanspp_on_the_sample(client):
     sample = x[np.sort(np.random.default_rng(4).choice(800, 300, replace=False))]
     np.testing.assert_array_equal(index.inducing, rg.ResidualProblem(sample, kernel=kern, inducing=15, seed=4).inducing)
     index.close()
+
+
+def test_polling_never_cancels_a_gather(client, monkeypatch):
+    """The engine checks its workers every LOST_WORKER_POLL_S while it waits for a chunk; at a
+    poll of 1 ms many waits end just as their task finishes. A gather cancelled then (as
+    fut.result(timeout=...) did) poisoned the client's shared pending gather, and every later
+    gather of that client failed with an UnboundLocalError (CI, 2026-12-07): here the queries
+    still give the single process's bits and the client stays usable."""
+    monkeypatch.setattr(rgd.engine, "LOST_WORKER_POLL_S", 1e-3)
+    x = np.random.default_rng(12).random((3000, 2))
+    kern = rg.Matern32(lengthscale=0.05)
+    want = rg.ResidualIndex(rg.ResidualProblem(x, kernel=kern, inducing=30, seed=0), backend="cpu",
+                            method="brute").query(8, predecessor=True)
+    index = bounded(rgd.DistributedIndex, x, kern, 30, client=client, shards=4, backend="cpu", method="brute",
+                    chunk_size=100)
+    for _ in range(3):
+        assert_same(bounded(index.query, 8, predecessor=True), want)
+    index.close()
+    assert bounded(client.submit(operator.add, 1, 2, pure=False).result, timeout=TIMEOUT) == 3
 
 
 def test_killed_worker_gives_the_same_answer(client):

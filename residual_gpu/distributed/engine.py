@@ -10,6 +10,7 @@ At most ``window`` chunks are in flight, so a worker holds the queries of a few 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import operator
 from collections import deque
@@ -321,17 +322,25 @@ class DistributedIndex:
 
     def _results(self, futures, used: set) -> list:
         """The futures' results, in order; raises _ShardLost when one of the workers ``used``
-        (those the futures are pinned to) has gone, since such a task would wait for it forever."""
-        results = []
-        for fut in futures:  # result(timeout): a finished task's data may still be on a lost worker
-            while True:
-                try:
-                    results.append(fut.result(timeout=LOST_WORKER_POLL_S))
-                    break
-                except TimeoutError:
-                    if not used <= set(self.client.scheduler_info(n_workers=-1)["workers"]):
-                        raise _ShardLost from None
-        return results
+        (those the futures are pinned to) has gone, since such a task would wait for it forever
+        (a finished task's data may also still be on a lost worker)."""
+        return self.client.sync(self._gather_while_held, futures, used)
+
+    async def _gather_while_held(self, futures, used: set) -> list:
+        # One gather, never cancelled: the client shares a pending gather between its callers
+        # (distributed 2026.11's Client._gather_future), and one cancelled before it started -
+        # as fut.result(timeout=...) did when the timeout fell just as the task finished - leaves
+        # every later gather of that client awaiting a cancelled task (an UnboundLocalError).
+        fetch = asyncio.ensure_future(self.client.gather(futures, asynchronous=True))
+        while True:
+            done, _ = await asyncio.wait([fetch], timeout=LOST_WORKER_POLL_S)
+            if done:
+                return fetch.result()
+            info = await self.client.scheduler.identity(n_workers=-1)
+            if not used <= set(info["workers"]):
+                # left to end when the caller cancels the futures; its error is expected
+                fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
+                raise _ShardLost
 
     def _collect(self, item, k, out_idx, out_dist, tel: DistributedTelemetry, holders, done) -> None:
         """Wait for one chunk's tasks (_results) and merge them into the output."""
