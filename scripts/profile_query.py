@@ -69,7 +69,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--method", default="tree", choices=["tree", "brute"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--filter-rank", type=int, default=0, help="TraversalFlags.filter_rank of the tree (0: off)")
+    ap.add_argument("--filter-rank", type=int, default=rg.TraversalFlags().filter_rank,
+                    help="TraversalFlags.filter_rank of the tree (0: off; default: the library's)")
     args = ap.parse_args()
     case = get_suite(args.suite, args.n)
     prob = rg.ResidualProblem(case.coords, kernel=case.kernel, inducing=case.inducing, seed=case.seed)
