@@ -72,7 +72,7 @@ def kernel_dirs() -> list[Path]:
     prefixes = [sysconfig.get_path("data"), sys.prefix, sys.base_prefix]
     try:
         prefixes.append(site.getuserbase())
-    except Exception:  # pragma: no cover - exotic site configurations
+    except Exception:  # noqa: BLE001, S110  # pragma: no cover - exotic site configurations: skip the user base
         pass
     for prefix in prefixes:
         if prefix:
@@ -195,11 +195,11 @@ class CudaBackend(Backend):
             import cupy
         except ImportError:
             return False, _NOT_INSTALLED
-        except Exception as exc:  # a broken installation (e.g. CUDA libraries that do not load)
+        except Exception as exc:  # noqa: BLE001 - a broken installation (CUDA libraries that do not load) is reported, not raised
             return False, f"CuPy is installed but failed to import ({type(exc).__name__}: {exc}); {_INSTALL_HINT}"
         try:
             count = cupy.cuda.runtime.getDeviceCount()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a driver or runtime error of any type means no usable device
             return False, f"CuPy is installed but sees no CUDA device ({type(exc).__name__}: {exc})"
         if count == 0:
             return False, "CuPy is installed but sees no CUDA device (getDeviceCount() == 0)"
@@ -207,7 +207,7 @@ class CudaBackend(Backend):
             props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
             name = props["name"]
             name = name.decode() if isinstance(name, bytes) else str(name)
-        except Exception:  # pragma: no cover - the name is cosmetic
+        except Exception:  # noqa: BLE001  # pragma: no cover - the name is cosmetic
             name = "a CUDA device"
         return True, f"CuPy {cupy.__version__} on {name}"
 

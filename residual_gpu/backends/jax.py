@@ -179,11 +179,11 @@ class JaxBackend(Backend):
             import jax
         except ImportError:
             return False, _NOT_INSTALLED
-        except Exception as exc:  # a broken installation
+        except Exception as exc:  # noqa: BLE001 - a broken installation is reported, not raised
             return False, f"JAX is installed but failed to import ({type(exc).__name__}: {exc})"
         try:
             device = jax.devices()[0]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a backend error of any type means no usable device
             return False, f"JAX {jax.__version__} is installed but has no usable device ({type(exc).__name__}: {exc})"
         return True, f"JAX {jax.__version__} on its default device {device} ({device.platform}, {device.device_kind})"
 
