@@ -252,6 +252,19 @@ def row_norms(v):
     return out
 
 
+@njit(parallel=True, cache=True, fastmath=False)
+def residual_norms(v, w):
+    """||V_i - W_i||, bitwise row_norms(v - w) without forming v - w."""
+    out = np.empty(v.shape[0])
+    for i in prange(v.shape[0]):
+        s = 0.0
+        for t in range(v.shape[1]):
+            diff = v[i, t] - w[i, t]
+            s += diff * diff
+        out[i] = math.sqrt(s)
+    return out
+
+
 @njit(inline="always", cache=True, fastmath={"contract"})
 def exp_nonpositive_inplace(z, scratch):
     """z[b] <- exp(z[b]) for z <= 0, within 3 ulp of libm; arguments below -708 give exp(-708).

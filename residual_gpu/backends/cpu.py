@@ -10,15 +10,13 @@ tile of G at a time, so memory is O(threads x tile) whatever n is.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg  # noqa: F401 (Numba's np.dot calls scipy's BLAS: loaded before _blas_controller looks)
 from numba import njit, prange
-from threadpoolctl import ThreadpoolController
 
+from .._blas import single_blas_thread
 from .._numba_gemm import gather_dots, gemm_nt
 from .._numba_math import (
     _EXP32_MIN,
@@ -29,20 +27,6 @@ from .._numba_math import (
     exp_nonpositive_inplace,
 )
 from .base import Backend, BlockList, Candidates, QueryBatch
-
-
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    """The BLAS libraries loaded with numpy and scipy, found once."""
-    return ThreadpoolController()
-
-
-def single_blas_thread():
-    """A context in which BLAS runs on one thread (Numba's threads run the GEMMs side by side):
-    threadpoolctl's limit through one cached controller, since ``threadpool_limits`` scans the
-    process's libraries again on every call (~1 ms, paid per search call)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
-
 
 #: queries per thread task and candidates per GEMM: a (128 x 1024) float64 tile of G is 1 MiB;
 #: float32 takes twice the queries in the same MiB, which halves how often each candidate tile

@@ -27,7 +27,8 @@ import numpy as np
 import scipy.linalg
 from numba import njit, prange
 
-from .._numba_math import correlation, row_norms
+from .._blas import solve_transposed
+from .._numba_math import correlation, residual_norms, row_norms
 
 if TYPE_CHECKING:
     from .layout import SearchTree
@@ -254,13 +255,10 @@ def query_factors(t: np.ndarray, v: np.ndarray, gam: float, tnorm: float, sequen
     if sequential:
         a, back = _solve_sequential(t, np.ascontiguousarray(v))
     else:
-        # in the transposed (Fortran-order) world, so that LAPACK and BLAS copy nothing:
-        # columns of at are the a_q, columns of backt the T^T a_q
-        at = scipy.linalg.solve_triangular(t, v.T, lower=True, trans="T", check_finite=False)
-        backt = scipy.linalg.blas.dtrmm(1.0, t, at, side=0, lower=1, trans_a=1)
-        a, back = at.T, backt.T
+        # BLAS's trsm and trmm, one call pair per Numba thread (_blas.py): the bits of one call
+        a, back = solve_transposed(t, v)
     na = row_norms(a) * grow
-    rn = row_norms(v - back) * grow + gam * tnorm * na
+    rn = residual_norms(v, back) * grow + gam * tnorm * na
     return a, rn, na
 
 

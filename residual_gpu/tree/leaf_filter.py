@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from .._blas import single_blas_thread
 from .._numba_math import row_norms
-from ..backends.cpu import single_blas_thread
 from ..precision import UNIT_ROUNDOFF, gamma
 
 _U = UNIT_ROUNDOFF[np.dtype(np.float64)]

@@ -19,9 +19,9 @@ import time
 import numpy as np
 from numba import njit, parallel_chunksize, prange
 
+from .._blas import single_blas_thread
 from .._numba_math import row_norms
 from ..backends.base import Candidates, QueryBatch
-from ..backends.cpu import single_blas_thread
 from ..certify import floor_thresholds
 from ..hilbert import hilbert_order
 from ..precision import FLOAT32_MAX_MARGIN, candidate_maxima, float32_margins, gamma, kernel_error, query_margins
