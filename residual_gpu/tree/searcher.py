@@ -291,10 +291,7 @@ class TreeSearcher:
         evaluations = 0
         if tree_rows.size:
             sub = batch.take(tree_rows) if tree_rows.size < q else batch
-            # one BLAS thread here too: after a two-thread call OpenBLAS's idle worker spins for
-            # ~0.1 s, taking a core from the traversal's Numba threads (~50 ms per chunk measured)
-            with single_blas_thread():
-                qa, qrn, qna = self.query_factors(sub.v)
+            qa, qrn, qna = self.query_factors(sub.v)  # one BLAS thread per Numba thread (_blas.py)
             t1 = time.perf_counter()
             sub_margin = margin[tree_rows]
             qfloor = None if sub.floor is None else floor_thresholds(sub.floor, sub_margin)
